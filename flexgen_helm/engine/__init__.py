@@ -1,0 +1,1 @@
+"""The offloading OPT runtime. Knows nothing of HELM, suites or reports."""

@@ -1,0 +1,146 @@
+"""Configuration values shared by the engine, the policy search and the HELM layer.
+
+`Policy` keeps FlexGen's field names so its published policies can be typed in unchanged.
+Percentages are of bytes; whatever a (gpu, cpu) pair leaves goes to disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration the engine cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Group-wise min-max quantization (FlexGen default: 4 bits, groups of 64).
+
+    group_dim is the axis the `group_size` consecutive elements of one group run along: 0 for an
+    (out, in) Linear weight (FlexGen's "output channel"), -1 (head_dim) for the KV cache. Axes not
+    divisible by group_size are padded; see engine/compression.py for the storage format.
+    """
+
+    num_bits: int = 4
+    group_size: int = 64
+    group_dim: int = 0  # weights: 0 (output dim); KV cache: the head_dim axis (-1)
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        # bool is an int subclass: reject it explicitly, `num_bits=True` is never meant
+        if isinstance(self.num_bits, bool) or self.num_bits not in (2, 3, 4, 8):
+            raise ConfigError(f"num_bits must be one of 2, 3, 4, 8 (4 is FlexGen's), got {self.num_bits!r}")
+        if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                or self.group_size <= 0 or self.group_size % 2):
+            raise ConfigError(
+                f"group_size must be a positive even integer (FlexGen uses 64), got {self.group_size!r}")
+        if isinstance(self.group_dim, bool) or not isinstance(self.group_dim, int):
+            raise ConfigError(f"group_dim must be an integer axis (0 for weights, -1 for the KV cache), "
+                              f"got {self.group_dim!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: '4-bit g64' (+ ' sym')."""
+        return f"{self.num_bits}-bit g{self.group_size}" + (" sym" if self.symmetric else "")
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int = 1
+    num_gpu_batches: int = 1
+    w_gpu_percent: float = 100.0
+    w_cpu_percent: float = 0.0
+    cache_gpu_percent: float = 100.0
+    cache_cpu_percent: float = 0.0
+    act_gpu_percent: float = 100.0
+    act_cpu_percent: float = 0.0
+    overlap: bool = True
+    pin_weight: bool = True
+    cpu_cache_compute: bool = False
+    compress_weight: bool = False
+    comp_weight_config: CompressionConfig = field(
+        default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+    compress_cache: bool = False
+    comp_cache_config: CompressionConfig = field(
+        default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))
+
+    def __post_init__(self) -> None:
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise ConfigError("gpu_batch_size and num_gpu_batches must be >= 1")
+        for kind in ("w", "cache", "act"):
+            g, c = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+            if g < 0 or c < 0 or g + c > 100 + 1e-9:
+                raise ConfigError(
+                    f"{kind}_gpu_percent={g} and {kind}_cpu_percent={c} must be >= 0 and sum to <= 100 "
+                    "(the remainder goes to disk)")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def w_disk_percent(self) -> float:
+        return 100.0 - self.w_gpu_percent - self.w_cpu_percent
+
+    @property
+    def cache_disk_percent(self) -> float:
+        return 100.0 - self.cache_gpu_percent - self.cache_cpu_percent
+
+    @property
+    def act_disk_percent(self) -> float:
+        return 100.0 - self.act_gpu_percent - self.act_cpu_percent
+
+    def fractions(self, kind: str) -> tuple[float, float, float]:
+        """(gpu, cpu, disk) fractions in [0, 1] for kind in {"w", "cache", "act"}."""
+        g = getattr(self, f"{kind}_gpu_percent") / 100.0
+        c = getattr(self, f"{kind}_cpu_percent") / 100.0
+        return g, c, max(0.0, 1.0 - g - c)
+
+    @classmethod
+    def from_percent(cls, percent: list[float] | tuple[float, ...], **kw) -> "Policy":
+        """FlexGen's `--percent w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu`."""
+        if len(percent) != 6:
+            raise ConfigError(f"--percent takes 6 numbers, got {len(percent)}")
+        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                 "act_gpu_percent", "act_cpu_percent")
+        return cls(**dict(zip(names, map(float, percent))), **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        d = dict(d)
+        for key in ("comp_weight_config", "comp_cache_config"):
+            if isinstance(d.get(key), dict):
+                d[key] = CompressionConfig(**d[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes each tier may hold; None means "whatever the machine has"."""
+
+    gpu: int | None = None
+    cpu: int | None = None
+    disk: int | None = None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """'16GB' -> 16e9, '1.5TB', '512MiB', or a plain number of bytes."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 16GB, 1.5TB or 512MiB")
+    return int(float(num) * _UNITS[unit])

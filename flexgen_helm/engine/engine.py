@@ -1,0 +1,238 @@
+"""`Engine`: load an OPT model under a `Policy` and generate. Glue and input checks; the work is
+in weight_store (tiers), scheduler (block schedule) and layers (math)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError, MemoryBudget, Policy
+from .model_spec import ModelSpec, load_spec
+from .placement import act_tier, memory_plan, workspace_nbytes
+from .sampling import SamplingParams
+from .scheduler import BlockTiming, MicroBatch, run_block
+from .tiers import Tiers
+from .weight_store import WeightStore
+from .weights import CheckpointReader, DummyReader, resolve_checkpoint
+
+
+@dataclass
+class GenerationStats:
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    io_wait_time: float = 0.0
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    blocks: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    page_cache_fallback_reads: int = 0
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[list[int]]
+    logprobs: list[list[float]]
+    top_logprobs: list[list[dict[int, float]]]
+    prompt_logprobs: list[list[float]] | None
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+
+def _check_policy(policy: Policy) -> None:
+    g, c, d = policy.fractions("act")
+    if max(g, c, d) < 0.999:
+        raise ConfigError("activations must live on one tier: set act_gpu_percent or act_cpu_percent to 100")
+    if d >= 0.999:
+        raise ConfigError("activations on disk are not supported (they move every layer); "
+                          "set act_gpu_percent or act_cpu_percent to 100")
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, policy: Policy, reader, device: torch.device, dtype: torch.dtype,
+                 offload_dir: str | None, budget: MemoryBudget, model_name: str):
+        self.spec, self.policy, self.device, self.dtype = spec, policy, device, dtype
+        self.model_name = model_name
+        self.budget = budget
+        self._own_dir = tempfile.mkdtemp(prefix="flexgen-", dir=offload_dir) if offload_dir else None
+        self.tiers = Tiers(device, self._own_dir, budget.gpu, budget.cpu, budget.disk, pin_memory=policy.pin_weight)
+        self.act_home = act_tier(policy)
+        self.block_counter = 0
+        self.closed = False
+        try:
+            self.weights = WeightStore(spec, policy, self.tiers, reader, dtype)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str, policy: Policy | str = "auto", device: str = "cpu",
+                        dtype: torch.dtype | None = None, offload_dir: str | None = None,
+                        budget: MemoryBudget | None = None, prompt_len: int = 512, gen_len: int = 32,
+                        allow_compression: bool = False) -> "Engine":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but no CUDA GPU is visible; use device='cpu'")
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda[:i], got {device!r}")
+        if dtype is None:
+            dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16  # bf16: AMX/AVX-512 fast path on CPU
+        budget = budget or MemoryBudget()
+        if dev.type == "cuda" and budget.gpu is None:
+            budget = MemoryBudget(torch.cuda.get_device_properties(dev).total_memory * 9 // 10, budget.cpu, budget.disk)
+        spec = load_spec(model)
+        if offload_dir is not None and not os.path.isdir(offload_dir):
+            raise ConfigError(f"offload directory {offload_dir} does not exist; create it first")
+        es = torch.empty(0, dtype=dtype).element_size()
+        if isinstance(policy, str):
+            if policy != "auto":
+                raise ConfigError(f"policy must be a Policy or 'auto', got {policy!r}")
+            from ..policy.search import auto_policy
+            policy = auto_policy(spec, prompt_len=prompt_len, gen_len=gen_len, budget=budget, device=dev.type,
+                                 dtype_bytes=es, allow_compression=allow_compression)
+        _check_policy(policy)
+        plan = memory_plan(spec, policy, min(prompt_len, spec.max_positions), gen_len, es,
+                           device_is_cuda=dev.type == "cuda")
+        for tier, need in plan.items():
+            limit = getattr(budget, tier)
+            if limit is not None and need > limit:
+                raise ConfigError(
+                    f"policy needs {need / 1e9:.3f} GB on the {tier} tier for prompt {prompt_len} + {gen_len} "
+                    f"tokens but the budget is {limit / 1e9:.3f} GB; raise it to at least {need / 1e9:.3f} GB, "
+                    "lower gpu_batch_size/num_gpu_batches, or move weights/cache to a lower tier")
+        if plan["disk"] and offload_dir is None:
+            raise ConfigError("the policy puts weights or cache on disk: pass offload_dir (--offload-dir)")
+        if model.startswith("dummy:"):
+            reader = DummyReader(spec)
+        else:
+            reader = CheckpointReader(resolve_checkpoint(model))
+        return cls(spec, policy, reader, dev, dtype, offload_dir, budget, model)
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_positions
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, input_ids: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, num_completions: int = 1,
+                 stop_token_ids: list[int] | list[list[int]] | None = None,
+                 stop_sequences: list[list[tuple[int, ...]]] | None = None, top_logprobs: int = 0,
+                 prompt_logprobs: bool = False, seed: int = 0, progress=None) -> GenerationResult:
+        if self.closed:
+            raise ConfigError("this engine is closed")
+        n = len(input_ids)
+        self._check_inputs(input_ids, max_new_tokens, temperature, top_p, top_k, num_completions, top_logprobs,
+                           stop_token_ids, stop_sequences)
+        if prompt_logprobs and num_completions > 1 and max_new_tokens == 0:
+            num_completions = 1
+        stop_ids = self._per_prompt_stops(stop_token_ids, n)
+        stop_seqs = [list(map(tuple, s)) for s in stop_sequences] if stop_sequences else [[] for _ in range(n)]
+        params = SamplingParams(temperature, top_p, top_k, top_logprobs)
+        rows = [(p, c) for p in range(n) for c in range(num_completions)]  # output order: prompt-major
+        order = sorted(range(len(rows)), key=lambda r: len(input_ids[rows[r][0]]))  # less padding per micro-batch
+        gbs, bls = self.policy.gpu_batch_size, self.policy.block_size
+        out_seq: list[list[int]] = [[] for _ in rows]
+        out_lp: list[list[float]] = [[] for _ in rows]
+        out_top: list[list[dict[int, float]]] = [[] for _ in rows]
+        out_reason = ["length"] * len(rows)
+        out_prompt_lp: list[list[float] | None] = [None] * n
+        stats = GenerationStats(prompt_tokens=sum(len(input_ids[p]) for p, _ in rows))
+        moved0 = dict(self.tiers.bytes_moved)
+        timing = BlockTiming()
+        self.tiers.reset_peaks()
+        for b0 in range(0, len(order), bls):
+            block = order[b0:b0 + bls]
+            mbs = []
+            for m0 in range(0, len(block), gbs):
+                mrows = block[m0:m0 + gbs]
+                prompts = [input_ids[rows[r][0]] for r in mrows]
+                P = max(len(p) for p in prompts)
+                ids = torch.full((len(prompts), P), self.spec.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(prompts), P + max(max_new_tokens, 1)), dtype=torch.bool)
+                for i, p in enumerate(prompts):  # left padding: positions come from the mask
+                    ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+                    mask[i, P - len(p):P] = True
+                stats.padded_prompt_tokens += ids.numel()
+                mbs.append(MicroBatch(ids.to(self.device), mask.to(self.device), mrows,
+                                      [stop_ids[rows[r][0]] for r in mrows], [stop_seqs[rows[r][0]] for r in mrows]))
+            ws = workspace_nbytes(self.spec, gbs, max(m.prompt_len for m in mbs), self.dtype.itemsize,
+                                  gbs * (max(m.prompt_len for m in mbs) if prompt_logprobs else 1))
+            self.tiers.stats["gpu"].reserve(ws, "compute workspace")
+            try:
+                with torch.no_grad():  # not inference_mode: I/O threads write these buffers too
+                    run_block(self, mbs, max_new_tokens, params, seed, prompt_logprobs, timing)
+            finally:
+                self.tiers.stats["gpu"].release(ws)
+            stats.blocks += 1
+            for mb in mbs:
+                for i, r in enumerate(mb.row_ids):
+                    out_seq[r], out_lp[r], out_top[r] = mb.tokens[i], mb.logprobs[i], mb.top[i]
+                    out_reason[r] = "stop" if mb.finished[i] else "length"
+                    if mb.prompt_logprobs is not None:
+                        out_prompt_lp[rows[r][0]] = mb.prompt_logprobs[i]
+            if progress is not None:
+                progress(len(block))
+        stats.prefill_time, stats.decode_time, stats.io_wait_time = timing.prefill, timing.decode, timing.io_wait
+        stats.generated_tokens = sum(len(s) for s in out_seq)
+        stats.bytes_moved = {k: v - moved0.get(k, 0) for k, v in self.tiers.bytes_moved.items()}
+        stats.peak_memory_bytes = self.tiers.peaks()
+        stats.page_cache_fallback_reads = self.tiers.page_cache_fallback
+        return GenerationResult(out_seq, out_lp, out_top, out_prompt_lp if prompt_logprobs else None,
+                                out_reason, stats)
+
+    def _check_inputs(self, input_ids, max_new, temperature, top_p, top_k, num_completions, top_logprobs,
+                      stop_token_ids, stop_sequences) -> None:
+        if not isinstance(input_ids, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in input_ids):
+            raise ConfigError("input_ids must be a list of token-id lists")
+        if any(len(p) == 0 for p in input_ids):
+            raise ConfigError("every prompt needs at least one token (OPT prompts start with </s>)")
+        V = self.spec.vocab_size
+        for i, p in enumerate(input_ids):
+            if len(p) + max_new > self.spec.max_positions:
+                raise ConfigError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new} it exceeds the "
+                                  f"model's context of {self.spec.max_positions}; shorten it")
+            if min(p) < 0 or max(p) >= V:
+                raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {V})")
+        if max_new < 0 or num_completions < 1 or top_k < 0 or top_logprobs < 0:
+            raise ConfigError("max_new_tokens, top_k and top_logprobs must be >= 0 and num_completions >= 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        if stop_sequences is not None and len(stop_sequences) != len(input_ids):
+            raise ConfigError("stop_sequences needs one list per prompt")
+        if stop_token_ids and isinstance(stop_token_ids[0], (list, tuple)) and len(stop_token_ids) != len(input_ids):
+            raise ConfigError("per-prompt stop_token_ids needs one list per prompt")
+
+    @staticmethod
+    def _per_prompt_stops(stop_token_ids, n: int) -> list[set[int]]:
+        if not stop_token_ids:
+            return [set() for _ in range(n)]
+        if isinstance(stop_token_ids[0], (list, tuple)):
+            return [set(s) for s in stop_token_ids]
+        return [set(stop_token_ids) for _ in range(n)]
+
+    # ---- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.tiers.close()
+        if self._own_dir:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -1,0 +1,196 @@
+"""Policy fractions -> which bytes live on which tier, and the engine's peak memory per tier.
+
+Every scheduling layer (embedding, each decoder layer, LM head) is stored as one flat byte buffer.
+Its first `w_gpu%` bytes stay on the compute tier, the next `w_cpu%` in host memory, the rest on disk,
+so the requested split is met to within 4 KB per layer, splitting inside tensors where needed
+(FlexGen placed whole tensors by their midpoint, which made GPU memory jump between percentages).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Policy
+from .model_spec import ModelSpec
+from .tiers import ALIGN, align_up
+
+TENSOR_ALIGN = 64  # every tensor starts 64-byte aligned inside its layer buffer (vector loads)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One stored tensor inside a layer buffer. kind: "dense", or "packed"/"meta" of a compressed one."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    slots: tuple[Slot, ...]
+    nbytes: int  # stored bytes (compressed where compressed)
+    dense_nbytes: int  # bytes once dequantized to the compute dtype
+    compressed: tuple[str, ...]  # names of tensors stored compressed
+
+    def segments(self, policy: Policy) -> tuple[int, int, int]:
+        """Byte lengths on (gpu, cpu, disk); the disk part starts 4 KB aligned for O_DIRECT."""
+        g, c, _ = policy.fractions("w")
+        n = self.nbytes
+        gb = n if g >= 1.0 else min(n, _round_to(g * n, ALIGN))
+        end = n if g + c >= 1.0 else min(n, max(gb, _round_to((g + c) * n, ALIGN)))
+        return gb, end - gb, n - end
+
+
+def _round_to(x: float, a: int) -> int:
+    return int(round(x / a)) * a
+
+
+def layer_tensors(spec: ModelSpec, j: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names (HF, without the `model.` prefix) and shapes of scheduling layer j:
+    0 = embeddings, 1..L = decoder layers, L+1 = final norm + LM head."""
+    h, e, f = spec.hidden, spec.embed_dim, spec.ffn
+    L = spec.num_layers
+    if j == 0:
+        out = [("decoder.embed_tokens.weight", (spec.vocab_size, e)),
+               ("decoder.embed_positions.weight", (spec.max_positions + 2, h))]
+        if spec.has_projections:
+            out.append(("decoder.project_in.weight", (h, e)))
+        return out
+    if j == L + 1:
+        out = []
+        if spec.has_final_layer_norm:
+            out += [("decoder.final_layer_norm.weight", (h,)), ("decoder.final_layer_norm.bias", (h,))]
+        if spec.has_projections:
+            out.append(("decoder.project_out.weight", (e, h)))
+        out.append(("lm_head.weight", (spec.vocab_size, e)))
+        return out
+    p = f"decoder.layers.{j - 1}."
+    out = []
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        out.append((p + f"self_attn.{proj}.weight", (h, h)))
+        if spec.enable_bias:
+            out.append((p + f"self_attn.{proj}.bias", (h,)))
+    if spec.layer_norm_elementwise_affine:
+        out += [(p + "self_attn_layer_norm.weight", (h,)), (p + "self_attn_layer_norm.bias", (h,))]
+    out.append((p + "fc1.weight", (f, h)))
+    if spec.enable_bias:
+        out.append((p + "fc1.bias", (f,)))
+    out.append((p + "fc2.weight", (h, f)))
+    if spec.enable_bias:
+        out.append((p + "fc2.bias", (h,)))
+    if spec.layer_norm_elementwise_affine:
+        out += [(p + "final_layer_norm.weight", (h,)), (p + "final_layer_norm.bias", (h,))]
+    return out
+
+
+def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy) -> LayerLayout:
+    slots, off, dense, comp = [], 0, 0, []
+    cfg = policy.comp_weight_config
+    for name, shape in layer_tensors(spec, j):
+        n = math.prod(shape) * dtype_bytes
+        dense += n
+        if policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
+            from . import compression
+            pk = compression.packed_nbytes(shape, cfg)
+            mt = compression.meta_nbytes(shape, cfg)
+            slots.append(Slot(name, shape, "packed", off, pk))
+            off = align_up(off + pk, TENSOR_ALIGN)
+            slots.append(Slot(name, shape, "meta", off, mt))
+            off = align_up(off + mt, TENSOR_ALIGN)
+            comp.append(name)
+        else:
+            slots.append(Slot(name, shape, "dense", off, n))
+            off = align_up(off + n, TENSOR_ALIGN)
+    return LayerLayout(tuple(slots), off, dense, tuple(comp))
+
+
+def cache_block_nbytes(spec: ModelSpec, rows: int, capacity: int, dtype_bytes: int, policy: Policy) -> int:
+    """K and V of one (layer, micro-batch) block with room for `capacity` positions."""
+    if policy.compress_cache:
+        from . import compression
+        shape = (rows, spec.num_heads, capacity, spec.head_dim)
+        return 2 * compression.compressed_nbytes(shape, policy.comp_cache_config)
+    return 2 * rows * capacity * spec.hidden * dtype_bytes
+
+
+def cache_block_tiers(spec: ModelSpec, policy: Policy, num_micro_batches: int) -> list[list[str]]:
+    """Tier of every (layer, micro-batch) cache block: whole blocks, spread so that every layer gets
+    about the same share and the totals match the cache fractions to within one block."""
+    g, c, _ = policy.fractions("cache")
+    L, K = spec.num_layers, num_micro_batches
+    total = L * K
+    n_gpu = int(round(g * total))
+    n_cpu = int(round((g + c) * total)) - n_gpu
+    order = sorted(range(total), key=lambda i: ((i % K) * L + i // K))  # interleave over layers
+    tiers = ["disk"] * total
+    for rank, i in enumerate(order):
+        tiers[i] = "gpu" if rank < n_gpu else ("cpu" if rank < n_gpu + n_cpu else "disk")
+    return [[tiers[l * K + k] for k in range(K)] for l in range(L)]
+
+
+def act_tier(policy: Policy) -> str:
+    g, c, d = policy.fractions("act")
+    return max((g, "gpu"), (c, "cpu"), (d, "disk"))[1] if max(g, c, d) < 1.0 else \
+        ("gpu" if g >= 1.0 else "cpu" if c >= 1.0 else "disk")
+
+
+def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, vocab_rows: int) -> int:
+    """Compute-tier scratch for one micro-batch step: activations, q/k/v, MLP intermediate,
+    attention scores (the math SDPA path can materialise them) and fp32 logits."""
+    h = spec.hidden
+    acts = rows * seq * (6 * h + spec.ffn) * dtype_bytes
+    scores = rows * spec.num_heads * seq * seq * 4 if seq > 1 else rows * spec.num_heads * 4 * 2048
+    logits = vocab_rows * spec.vocab_size * 4 * 2
+    return acts + scores + logits
+
+
+def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, dtype_bytes: int,
+                block_rows: int | None = None, device_is_cuda: bool = False,
+                prompt_logprobs: bool = False) -> dict[str, int]:
+    """Peak bytes per tier ("gpu", "cpu", "disk") the engine holds for this workload.
+
+    The engine reserves exactly these buffers (see Engine/_Scheduler), so the policy search and
+    the engine agree on what fits.
+    """
+    rows = policy.gpu_batch_size
+    K = policy.num_gpu_batches
+    if block_rows is not None:
+        K = min(K, max(1, math.ceil(block_rows / rows)))
+    out = {"gpu": 0, "cpu": 0, "disk": 0}
+    layouts = [layer_layout(spec, j, dtype_bytes, policy) for j in range(spec.num_layers + 2)]
+    max_stored = max_disk = 0
+    for lay in layouts:
+        gb, cb, db = lay.segments(policy)
+        out["gpu"] += gb
+        out["cpu"] += cb
+        out["disk"] += align_up(db) if db else 0
+        max_stored = max(max_stored, lay.nbytes)
+        max_disk = max(max_disk, db)
+    streamed = policy.w_gpu_percent < 100
+    if streamed:  # double-buffered staging of the next layer (+ 4 KB O_DIRECT slack)
+        out["gpu"] += 2 * align_up(max_stored + ALIGN)
+        if device_is_cuda and max_disk:
+            out["cpu"] += 2 * align_up(max_disk + ALIGN)  # pinned bounce for disk -> GPU
+    if policy.compress_weight:
+        out["gpu"] += 2 * max(l.dense_nbytes for l in layouts)
+    capacity = prompt_len + gen_len
+    blk = cache_block_nbytes(spec, rows, capacity, dtype_bytes, policy)
+    tiers = cache_block_tiers(spec, policy, K)
+    for row in tiers:
+        for t in row:
+            out[t] += align_up(blk) if t == "disk" else blk
+    dense_blk = 2 * rows * capacity * spec.hidden * dtype_bytes
+    homes = {t for row in tiers for t in row}
+    if policy.cpu_cache_compute:  # decode attention runs where the cache lives; disk blocks stage on host
+        if "disk" in homes:
+            out["cpu"] += 2 * align_up(blk + ALIGN)
+    elif homes - {"gpu"}:  # the next block's prefix is prefetched into the compute tier
+        out["gpu"] += 2 * align_up(max(blk, dense_blk) + ALIGN)
+    act = act_tier(policy)
+    out[act] += K * align_up(rows * prompt_len * spec.hidden * dtype_bytes)
+    out["gpu"] += workspace_nbytes(spec, rows, prompt_len, dtype_bytes,
+                                   rows * (prompt_len if prompt_logprobs else 1))
+    return out

@@ -1,0 +1,214 @@
+"""The three memory tiers behind one small interface, with byte accounting against budgets.
+
+- "gpu": the compute device. On a CPU-only machine it is a budgeted region of host memory, so every
+  placement and schedule runs (and is tested) without a GPU.
+- "cpu": host memory (pinned when the compute device is CUDA and pinning is asked for).
+- "disk": files inside the user's offload directory. Reads use O_DIRECT so measured bandwidth is the
+  disk's, not the page cache's; where the filesystem refuses O_DIRECT (tmpfs) reads fall back to
+  buffered I/O plus POSIX_FADV_DONTNEED and the fallback is counted in `page_cache_fallback`.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError
+
+ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size
+CHUNK = 8 << 20  # 8 MB per read request: ~2.6 GB/s here vs ~1.5 GB/s at 1 MB
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+class BudgetExceeded(ConfigError):
+    pass
+
+
+@dataclass
+class TierStats:
+    name: str
+    budget: int | None
+    used: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        with self.lock:
+            if self.budget is not None and self.used + nbytes > self.budget:
+                raise BudgetExceeded(
+                    f"the {self.name} tier would need {(self.used + nbytes) / 1e6:.1f} MB for {what} "
+                    f"but its budget is {self.budget / 1e6:.1f} MB: raise the budget, lower the batch size, "
+                    f"or move more weights/cache to a lower tier")
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.used -= nbytes
+
+
+def aligned_host_buffer(nbytes: int) -> torch.Tensor:
+    """Page-aligned uint8 host tensor (anonymous mmap), usable as an O_DIRECT read target."""
+    n = max(align_up(nbytes), ALIGN)
+    buf = mmap.mmap(-1, n)
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    t._mmap_owner = buf  # keep the mapping alive as long as the tensor
+    return t
+
+
+class Tiers:
+    """Allocation on the three tiers; all engine memory goes through here so peaks are exact."""
+
+    def __init__(self, device: torch.device, offload_dir: str | None, budget_gpu: int | None,
+                 budget_cpu: int | None, budget_disk: int | None, pin_memory: bool = True,
+                 io_threads: int = 4):
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self.pin = pin_memory and self.on_cuda
+        self.stats = {"gpu": TierStats("gpu", budget_gpu), "cpu": TierStats("cpu", budget_cpu),
+                      "disk": TierStats("disk", budget_disk)}
+        self.offload_dir = offload_dir
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="flexgen-io")
+        self.bytes_moved: dict[str, int] = {}
+        self.page_cache_fallback = 0
+        self._moved_lock = threading.Lock()
+        self._files: list[DiskFile] = []
+
+    # ---- accounting ------------------------------------------------------------------------
+    def count(self, link: str, nbytes: int) -> None:
+        with self._moved_lock:
+            self.bytes_moved[link] = self.bytes_moved.get(link, 0) + nbytes
+
+    def peaks(self) -> dict[str, int]:
+        return {k: v.peak for k, v in self.stats.items()}
+
+    def reset_peaks(self) -> None:
+        for s in self.stats.values():
+            s.peak = s.used
+
+    # ---- allocation ------------------------------------------------------------------------
+    def alloc(self, tier: str, nbytes: int, what: str, aligned: bool = False) -> torch.Tensor:
+        """uint8 buffer on "gpu" (compute device) or "cpu" (host)."""
+        self.stats[tier].reserve(nbytes, what)
+        if tier == "gpu" and self.on_cuda:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if self.pin and tier == "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if aligned:
+            return aligned_host_buffer(nbytes)[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def free(self, tier: str, nbytes: int) -> None:
+        self.stats[tier].release(nbytes)
+
+    def disk_file(self, name: str, nbytes: int, what: str) -> "DiskFile":
+        if self.offload_dir is None:
+            raise ConfigError("the policy puts data on disk: pass offload_dir (--offload-dir) for the disk tier")
+        self.stats["disk"].reserve(align_up(nbytes), what)
+        f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
+        self._files.append(f)
+        return f
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self._files:
+            f.remove()
+        self._files.clear()
+
+
+class DiskFile:
+    """A file on the disk tier: buffered writes, O_DIRECT reads into page-aligned buffers."""
+
+    def __init__(self, path: str, nbytes: int, tiers: Tiers, create: bool = True):
+        self.path, self.nbytes, self.tiers = path, nbytes, tiers
+        self.size = align_up(nbytes)
+        if create:
+            with open(path, "wb") as f:
+                f.truncate(self.size)
+        self.wfd = os.open(path, os.O_RDWR)
+        try:
+            self.rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            self.direct = hasattr(os, "O_DIRECT")
+        except OSError:  # tmpfs and some network filesystems refuse O_DIRECT
+            self.rfd = os.open(path, os.O_RDONLY)
+            self.direct = False
+
+    def write(self, offset: int, data: torch.Tensor) -> None:
+        """Write a host uint8 tensor at offset (buffered; O_DIRECT readers see it coherently)."""
+        mv = memoryview(data.contiguous().numpy())
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.wfd, mv[done:], offset + done)
+
+    def flush(self) -> None:
+        """Push written data to disk and drop it from the page cache so later reads are real."""
+        os.fsync(self.wfd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.wfd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read_into(self, offset: int, dst: torch.Tensor, parallel: bool = True) -> None:
+        """Fill host uint8 `dst` from file[offset : offset+len(dst)].
+
+        Fast path: dst page-aligned, offset aligned -> O_DIRECT straight into dst (reads past len(dst)
+        up to the next 4 KB boundary, so callers give dst that slack; see `aligned_host_buffer`).
+        """
+        n = dst.numel()
+        if n == 0:
+            return
+        self.tiers.count("disk->cpu", n)
+        ok = (self.direct and offset % ALIGN == 0 and dst.data_ptr() % ALIGN == 0
+              and dst.untyped_storage().nbytes() - (dst.data_ptr() - dst.untyped_storage().data_ptr())
+              >= align_up(n))
+        if not ok:
+            self._read_bounced(offset, dst)
+            return
+        base = dst.data_ptr() - dst.untyped_storage().data_ptr()
+        full = torch.empty(0, dtype=torch.uint8).set_(dst.untyped_storage(), base, (align_up(n),))
+        mv = memoryview(full.numpy())
+        spans = [(o, min(CHUNK, len(mv) - o)) for o in range(0, len(mv), CHUNK)]
+        if parallel and len(spans) > 1:
+            # Several outstanding requests keep the device queue busy (NVMe needs queue depth).
+            list(self.tiers.pool.map(lambda s: self._pread(mv[s[0]:s[0] + s[1]], offset + s[0]), spans))
+        else:
+            for o, m in spans:
+                self._pread(mv[o:o + m], offset + o)
+
+    def _pread(self, mv: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(mv):
+            got = os.preadv(self.rfd, [mv[done:]], offset + done)
+            if got <= 0:
+                raise IOError(f"short read from {self.path} at {offset + done}")
+            done += got
+
+    def _read_bounced(self, offset: int, dst: torch.Tensor) -> None:
+        n = dst.numel()
+        if self.direct:
+            start = offset - offset % ALIGN
+            bounce = aligned_host_buffer(align_up(offset + n) - start)
+            self._pread(memoryview(bounce.numpy()), start)
+            dst.copy_(bounce[offset - start: offset - start + n])
+            return
+        self.tiers.page_cache_fallback += 1
+        self._pread(memoryview(dst.numpy()), offset)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.rfd, offset, n, os.POSIX_FADV_DONTNEED)
+
+    def remove(self) -> None:
+        for fd in (self.wfd, self.rfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        self.tiers.stats["disk"].release(self.size)
