@@ -1,0 +1,240 @@
+"""The engine against HF transformers' OPT on the same weights, for a matrix of placements."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import OPTForCausalLM
+
+from flexgen_helm import ConfigError, Engine, MemoryBudget, Policy
+from flexgen_helm.engine.placement import layer_layout, memory_plan
+from flexgen_helm.engine.model_spec import load_spec, spec_from_name
+
+PROMPTS = [[2, 5, 6, 7, 8, 9, 10], [2, 11, 12], [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+           [2, 100, 7, 300, 5], [2, 77], [2, 9, 8, 7, 6, 5, 4, 3, 200, 201]]
+NEW = 6
+
+POLICIES = {
+    "all-compute": Policy(gpu_batch_size=2, num_gpu_batches=3),
+    "all-host": Policy(gpu_batch_size=3, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=100,
+                       cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100),
+    "all-disk": Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0,
+                       cache_gpu_percent=0, cache_cpu_percent=0),
+    "mixed-30-40-30": Policy(gpu_batch_size=1, num_gpu_batches=4, w_gpu_percent=30, w_cpu_percent=40,
+                             cache_gpu_percent=30, cache_cpu_percent=40),
+    "mixed-ccc": Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=50,
+                        cache_gpu_percent=25, cache_cpu_percent=50, cpu_cache_compute=True),
+    "disk-cache-ccc": Policy(gpu_batch_size=4, num_gpu_batches=1, w_gpu_percent=50, w_cpu_percent=0,
+                             cache_gpu_percent=0, cache_cpu_percent=0, cpu_cache_compute=True),
+    "one-row": Policy(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=60,
+                      cache_gpu_percent=0, cache_cpu_percent=100),
+}
+
+
+def hf_reference(model_dir: str, prompts, new: int):
+    """Greedy tokens and their logprobs from HF, one prompt at a time, no padding."""
+    hf = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    toks, lps, prompt_lps = [], [], []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=1,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
+            s = out[0, len(p):].tolist()
+            logp = hf(torch.tensor([p + s])).logits.float().log_softmax(-1)[0]
+            toks.append(s)
+            lps.append([logp[len(p) - 1 + i, t].item() for i, t in enumerate(s)])
+            prompt_lps.append([logp[i - 1, p[i]].item() for i in range(1, len(p))])
+    return toks, lps, prompt_lps
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_opt):
+    return hf_reference(tiny_opt, PROMPTS, NEW)
+
+
+def _engine(model, policy, tmp_path, **kw):
+    return Engine.from_pretrained(model, policy=policy, device="cpu", dtype=torch.float32,
+                                  offload_dir=str(tmp_path), **kw)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_matches_hf_for_every_placement(tiny_opt, ref, tmp_path, name):
+    with _engine(tiny_opt, POLICIES[name], tmp_path) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW)
+    assert res.sequences == ref[0]
+    for got, want in zip(res.logprobs, ref[1]):
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    assert res.finish_reasons == ["length"] * len(PROMPTS)
+    assert res.stats.generated_tokens == NEW * len(PROMPTS)
+    assert os.listdir(tmp_path) == []  # engine cleaned up its offload files
+
+
+def test_opt_350m_layout_sharded_bin(tiny_opt_350m_like, tmp_path):
+    """Post-LN with embedding projections (FlexGen could not run opt-350m), from a sharded .bin."""
+    toks, lps, _ = hf_reference(tiny_opt_350m_like, PROMPTS[:3], NEW)
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=30,
+                 cache_gpu_percent=50, cache_cpu_percent=0)
+    with _engine(tiny_opt_350m_like, pol, tmp_path) as eng:
+        res = eng.generate(PROMPTS[:3], max_new_tokens=NEW)
+    assert res.sequences == toks
+    assert max(abs(a - b) for g, w in zip(res.logprobs, lps) for a, b in zip(g, w)) < 1e-4
+
+
+def test_sharded_safetensors(tiny_opt_sharded, tmp_path):
+    assert os.path.exists(os.path.join(tiny_opt_sharded, "model.safetensors.index.json"))
+    toks, _, _ = hf_reference(tiny_opt_sharded, PROMPTS[:2], 4)
+    with _engine(tiny_opt_sharded, Policy(gpu_batch_size=2), tmp_path) as eng:
+        assert eng.generate(PROMPTS[:2], max_new_tokens=4).sequences == toks
+
+
+def test_batch_and_padding_invariance(tiny_opt, tmp_path):
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50)
+    with _engine(tiny_opt, pol, tmp_path) as eng:
+        together = eng.generate(PROMPTS, max_new_tokens=NEW)
+        for i, p in enumerate(PROMPTS):
+            alone = eng.generate([p], max_new_tokens=NEW)
+            assert alone.sequences[0] == together.sequences[i]
+            assert max(abs(a - b) for a, b in zip(alone.logprobs[0], together.logprobs[i])) < 1e-4
+        shuffled = eng.generate(PROMPTS[::-1], max_new_tokens=NEW)
+        assert shuffled.sequences == together.sequences[::-1]
+
+
+def test_prompt_logprobs_match_hf(tiny_opt, ref, tmp_path):
+    with _engine(tiny_opt, Policy(gpu_batch_size=4), tmp_path) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=0, prompt_logprobs=True)
+    assert res.sequences == [[] for _ in PROMPTS]
+    for got, want in zip(res.prompt_logprobs, ref[2]):
+        assert len(got) == len(want)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
+def test_stop_tokens_sequences_and_early_exit(tiny_opt, ref, tmp_path):
+    first = [s[0] for s in ref[0]]
+    with _engine(tiny_opt, Policy(gpu_batch_size=2, num_gpu_batches=3), tmp_path) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[[t] for t in first])
+        assert [s for s in res.sequences] == [[t] for t in first]
+        assert res.finish_reasons == ["stop"] * len(PROMPTS)
+        assert res.stats.decode_time < 1.0  # the whole block exits after the prefill
+        seqs = [[tuple(s[1:3])] for s in ref[0]]
+        res2 = eng.generate(PROMPTS, max_new_tokens=NEW, stop_sequences=seqs)
+    for got, full, (seq,) in zip(res2.sequences, ref[0], seqs):
+        end = next(i for i in range(len(seq), len(full) + 1) if tuple(full[i - len(seq):i]) == seq)
+        assert got == full[:end]
+
+
+def test_sampling_seeds_completions_top_k(tiny_opt, tmp_path):
+    with _engine(tiny_opt, Policy(gpu_batch_size=4, num_gpu_batches=2), tmp_path) as eng:
+        a = eng.generate(PROMPTS[:3], max_new_tokens=5, temperature=1.0, num_completions=3, seed=7, top_logprobs=3)
+        b = eng.generate(PROMPTS[:3], max_new_tokens=5, temperature=1.0, num_completions=3, seed=7)
+        c = eng.generate(PROMPTS[:3], max_new_tokens=5, temperature=1.0, num_completions=3, seed=8)
+        k1 = eng.generate(PROMPTS[:3], max_new_tokens=5, temperature=5.0, top_k=1)
+        greedy = eng.generate(PROMPTS[:3], max_new_tokens=5)
+        p_small = eng.generate(PROMPTS[:3], max_new_tokens=5, temperature=5.0, top_p=1e-6)
+    assert len(a.sequences) == 9 and a.sequences == b.sequences and a.sequences != c.sequences
+    assert all(len(t) == 3 and all(v <= 0 for v in t.values()) for row in a.top_logprobs for t in row)
+    assert all(lp <= 0 and lp > -50 for row in a.logprobs for lp in row)
+    assert k1.sequences == greedy.sequences == p_small.sequences
+
+
+def test_peak_memory_within_budget(tiny_opt, tmp_path):
+    pol = POLICIES["mixed-30-40-30"]
+    spec = load_spec(tiny_opt)
+    plan = memory_plan(spec, pol, 16, NEW, 4)
+    budget = MemoryBudget(gpu=plan["gpu"], cpu=plan["cpu"], disk=plan["disk"])
+    with _engine(tiny_opt, pol, tmp_path, budget=budget, prompt_len=16, gen_len=NEW) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW)
+    for tier, peak in res.stats.peak_memory_bytes.items():
+        assert 0 < peak <= getattr(budget, tier), tier
+
+
+def test_placement_honours_fractions():
+    """Splits inside tensors: realized shares are within 4 KB per layer of the request."""
+    spec = spec_from_name("opt-1.3b")
+    for g, c in [(20, 30), (25, 50), (30, 40), (0, 100), (100, 0)]:
+        pol = Policy(w_gpu_percent=g, w_cpu_percent=c)
+        tot = [0, 0, 0]
+        for j in range(spec.num_layers + 2):
+            for i, n in enumerate(layer_layout(spec, j, 2, pol).segments(pol)):
+                tot[i] += n
+        s = sum(tot)
+        assert abs(tot[0] / s - g / 100) < 1e-3 and abs(tot[1] / s - c / 100) < 1e-3
+
+
+def test_disk_reads_bypass_page_cache(tiny_opt, tmp_path):
+    pol = POLICIES["all-disk"]
+    with _engine(tiny_opt, pol, tmp_path) as eng:
+        res = eng.generate(PROMPTS[:2], max_new_tokens=3)
+    assert res.stats.bytes_moved["disk->cpu"] > 0
+    assert res.stats.page_cache_fallback_reads == 0  # O_DIRECT on this filesystem
+
+
+def test_dummy_model_shapes(tmp_path):
+    pol = Policy(gpu_batch_size=2, w_gpu_percent=0, w_cpu_percent=0)
+    with Engine.from_pretrained("dummy:opt-125m", policy=pol, offload_dir=str(tmp_path)) as eng:
+        assert eng.dtype == torch.bfloat16
+        assert sum(f.stat().st_size for f in os.scandir(next(os.scandir(tmp_path)).path)) > 200e6  # real disk tier
+        res = eng.generate([[2, 3, 4], [2, 5]], max_new_tokens=2)
+    assert [len(s) for s in res.sequences] == [2, 2]
+
+
+# ---- bad input: clear errors before work, nothing left behind --------------------------------
+
+def test_prompt_longer_than_context(tiny_opt, tmp_path):
+    with _engine(tiny_opt, Policy(), tmp_path) as eng:
+        with pytest.raises(ConfigError, match="context"):
+            eng.generate([[2] * 2045], max_new_tokens=8)
+
+
+def test_unknown_model_and_missing_dir(tmp_path):
+    with pytest.raises(ConfigError, match="unknown OPT model"):
+        Engine.from_pretrained("dummy:opt-7b", policy=Policy())
+    with pytest.raises(ConfigError, match="config.json"):
+        Engine.from_pretrained(str(tmp_path), policy=Policy())
+
+
+def test_corrupt_and_missing_weight_files(tiny_opt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_opt, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.write(b"\x00garbage")
+    off = tmp_path / "off"
+    off.mkdir()
+    with pytest.raises(ConfigError, match="corrupt"):
+        Engine.from_pretrained(str(bad), policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=str(off))
+    assert os.listdir(off) == []
+    os.remove(bad / "model.safetensors")
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        Engine.from_pretrained(str(bad), policy=Policy())
+
+
+def test_policy_that_cannot_fit(tiny_opt, tmp_path):
+    with pytest.raises(ConfigError, match="at least"):
+        _engine(tiny_opt, Policy(gpu_batch_size=64), tmp_path, budget=MemoryBudget(gpu=100_000))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ConfigError, match="offload_dir"):
+        Engine.from_pretrained(tiny_opt, policy=Policy(w_gpu_percent=0, w_cpu_percent=50))
+    with pytest.raises(ConfigError, match="sum to <= 100"):
+        Policy(w_gpu_percent=80, w_cpu_percent=40)
+    with pytest.raises(ConfigError, match="one tier"):
+        _engine(tiny_opt, Policy(act_gpu_percent=50, act_cpu_percent=50), tmp_path)
+
+
+def test_bad_generation_arguments(tiny_opt, tmp_path):
+    with _engine(tiny_opt, Policy(), tmp_path) as eng:
+        for kw in [dict(temperature=-1), dict(top_p=0), dict(num_completions=0)]:
+            with pytest.raises(ConfigError):
+                eng.generate(PROMPTS[:1], max_new_tokens=2, **kw)
+        with pytest.raises(ConfigError, match="vocabulary"):
+            eng.generate([[2, 10**6]], max_new_tokens=2)
+        with pytest.raises(ConfigError, match="at least one token"):
+            eng.generate([[]], max_new_tokens=2)
+
+
+def test_config_json_roundtrip(tiny_opt):
+    spec = load_spec(tiny_opt)
+    with open(os.path.join(tiny_opt, "config.json")) as f:
+        cfg = json.load(f)
+    assert spec.hidden == cfg["hidden_size"] and spec.num_layers == cfg["num_hidden_layers"]
