@@ -238,3 +238,57 @@ def test_config_json_roundtrip(tiny_opt):
     with open(os.path.join(tiny_opt, "config.json")) as f:
         cfg = json.load(f)
     assert spec.hidden == cfg["hidden_size"] and spec.num_layers == cfg["num_hidden_layers"]
+
+
+# ---- compression: the engine's compressed path equals "quantize, dequantize, run uncompressed" ----
+
+@pytest.fixture(scope="module")
+def compressed_refs(tiny_opt):
+    from flexgen_helm import CompressionConfig
+    from flexgen_helm.engine import compression as C
+
+    refs = {}
+    for cw, cc in [(True, False), (False, True), (True, True)]:
+        hf = OPTForCausalLM.from_pretrained(tiny_opt, dtype=torch.float32).eval()
+        if cw:
+            C.fake_quantize_model(hf, CompressionConfig(4, 64, 0))
+        if cc:
+            C.fake_quantize_kv_cache(hf, CompressionConfig(4, 64, -1))
+        toks, lps = [], []
+        with torch.no_grad():
+            for p in PROMPTS:
+                s = hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=1)[0, len(p):]
+                logp = hf(torch.tensor([p + s.tolist()])).logits.float().log_softmax(-1)[0]
+                toks.append(s.tolist())
+                lps.append([logp[len(p) - 1 + i, t].item() for i, t in enumerate(s.tolist())])
+        refs[(cw, cc)] = (toks, lps)
+    return refs
+
+
+@pytest.mark.parametrize("comp", [(True, False), (False, True), (True, True)], ids=["w4", "kv4", "w4kv4"])
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_compressed_matches_fake_quantized_reference(tiny_opt, compressed_refs, tmp_path, name, comp):
+    import dataclasses
+    pol = dataclasses.replace(POLICIES[name], compress_weight=comp[0], compress_cache=comp[1])
+    with _engine(tiny_opt, pol, tmp_path) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW)
+    toks, lps = compressed_refs[comp]
+    assert res.sequences == toks
+    diffs = [abs(a - b) for g, w in zip(res.logprobs, lps) for a, b in zip(g, w)]
+    # Quantization is discontinuous: a 1-ulp difference upstream (HF scales q before SDPA, we inside it)
+    # can move one K/V value across a rounding boundary and shift later logprobs by ~1e-2. That happens
+    # for one prompt of this fixture with w4kv4; every other logprob agrees to 1e-4.
+    assert sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs)
+    assert max(diffs) < 2e-2
+
+
+def test_compressed_weight_bytes_from_engine_accounting():
+    """4-bit g64 weights: stored bytes (codes + scales) <= 0.29x of fp16, from the layouts the engine uses."""
+    spec = spec_from_name("opt-1.3b")
+    dense = sum(layer_layout(spec, j, 2, Policy()).nbytes for j in range(1, spec.num_layers + 1))
+    comp = sum(layer_layout(spec, j, 2, Policy(compress_weight=True)).nbytes for j in range(1, spec.num_layers + 1))
+    assert comp / dense <= 0.29
+    plan16 = memory_plan(spec, Policy(gpu_batch_size=8, cache_gpu_percent=0, cache_cpu_percent=100), 512, 32, 2)
+    plan4 = memory_plan(spec, Policy(gpu_batch_size=8, cache_gpu_percent=0, cache_cpu_percent=100,
+                                     compress_cache=True), 512, 32, 2)
+    assert plan4["cpu"] < 0.3 * plan16["cpu"]  # the same host budget holds a >3x larger cache

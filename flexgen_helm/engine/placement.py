@@ -19,7 +19,7 @@ TENSOR_ALIGN = 64  # every tensor starts 64-byte aligned inside its layer buffer
 
 @dataclass(frozen=True)
 class Slot:
-    """One stored tensor inside a layer buffer. kind: "dense", or "packed"/"meta" of a compressed one."""
+    """One stored tensor inside a layer buffer. kind: "dense" or "compressed"."""
 
     name: str
     shape: tuple[int, ...]
@@ -94,12 +94,9 @@ def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy) -> L
         dense += n
         if policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             from . import compression
-            pk = compression.packed_nbytes(shape, cfg)
-            mt = compression.meta_nbytes(shape, cfg)
-            slots.append(Slot(name, shape, "packed", off, pk))
-            off = align_up(off + pk, TENSOR_ALIGN)
-            slots.append(Slot(name, shape, "meta", off, mt))
-            off = align_up(off + mt, TENSOR_ALIGN)
+            nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer
+            slots.append(Slot(name, shape, "compressed", off, nb))
+            off = align_up(off + nb, TENSOR_ALIGN)
             comp.append(name)
         else:
             slots.append(Slot(name, shape, "dense", off, n))
@@ -109,11 +106,9 @@ def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy) -> L
 
 def cache_block_nbytes(spec: ModelSpec, rows: int, capacity: int, dtype_bytes: int, policy: Policy) -> int:
     """K and V of one (layer, micro-batch) block with room for `capacity` positions."""
-    if policy.compress_cache:
-        from . import compression
-        shape = (rows, spec.num_heads, capacity, spec.head_dim)
-        return 2 * compression.compressed_nbytes(shape, policy.comp_cache_config)
-    return 2 * rows * capacity * spec.hidden * dtype_bytes
+    from .kv_cache import block_nbytes
+    cfg = policy.comp_cache_config if policy.compress_cache else None
+    return block_nbytes(rows, spec.num_heads, capacity, spec.head_dim, dtype_bytes, cfg)
 
 
 def cache_block_tiers(spec: ModelSpec, policy: Policy, num_micro_batches: int) -> list[list[str]]:
@@ -182,13 +177,15 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
     for row in tiers:
         for t in row:
             out[t] += align_up(blk) if t == "disk" else blk
+    # decode-time staging (two slots) for blocks attention cannot read in place: see scheduler
     dense_blk = 2 * rows * capacity * spec.hidden * dtype_bytes
+    raw = align_up(blk + ALIGN)
     homes = {t for row in tiers for t in row}
-    if policy.cpu_cache_compute:  # decode attention runs where the cache lives; disk blocks stage on host
-        if "disk" in homes:
-            out["cpu"] += 2 * align_up(blk + ALIGN)
-    elif homes - {"gpu"}:  # the next block's prefix is prefetched into the compute tier
-        out["gpu"] += 2 * align_up(max(blk, dense_blk) + ALIGN)
+    where = {("cpu" if policy.cpu_cache_compute and t != "gpu" else "gpu") for t in homes
+             if policy.compress_cache or t == "disk" or (t == "cpu" and not policy.cpu_cache_compute)}
+    for w in where:
+        out[w] += 2 * dense_blk
+        out["cpu" if device_is_cuda else w] += 2 * raw
     act = act_tier(policy)
     out[act] += K * align_up(rows * prompt_len * spec.hidden * dtype_bytes)
     out["gpu"] += workspace_nbytes(spec, rows, prompt_len, dtype_bytes,

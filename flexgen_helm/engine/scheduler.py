@@ -52,9 +52,9 @@ class BlockTiming:
 class _CacheStaging:
     """Two slots (current, next) for blocks whose prefix must be copied to where attention runs."""
 
-    def __init__(self, engine, where: str, rows: int, capacity: int, es: int):
+    def __init__(self, engine, where: str, rows: int, capacity: int, es: int, cfg):
         spec = engine.spec
-        dense, raw = staging_nbytes(rows, spec.num_heads, capacity, spec.head_dim, es)
+        dense, raw = staging_nbytes(rows, spec.num_heads, capacity, spec.head_dim, es, cfg)
         shape = (2, rows, spec.num_heads, capacity, spec.head_dim)
         self.tiers, self.where, self.nbytes = engine.tiers, where, dense + raw
         self.dst = [engine.tiers.alloc(where, dense, "cache staging").view(engine.dtype).view(shape)
@@ -76,17 +76,24 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
     L, nl, K = spec.num_layers, spec.num_layers + 2, len(mbs)
     es = torch.empty(0, dtype=dtype).element_size()
     homes = cache_block_tiers(spec, policy, K)
+    cfg = policy.comp_cache_config if policy.compress_cache else None
     caches = [[CacheBlock(tiers, homes[l][k], mbs[k].rows, spec.num_heads, mbs[k].prompt_len + max(max_new, 1),
-                          spec.head_dim, dtype, f"kv-{engine.block_counter}-{l}-{k}.bin")
+                          spec.head_dim, dtype, f"kv-{engine.block_counter}-{l}-{k}.bin", cfg)
                for k in range(K)] for l in range(L)]
     engine.block_counter += 1
     ccc = policy.cpu_cache_compute
-    staged_homes = {h for row in homes for h in row if h != "gpu" and not (ccc and h == "cpu")}
-    staging = None
-    if staged_homes and max_new > 1:
-        where = "cpu" if ccc else "gpu"
-        staging = _CacheStaging(engine, where, max(m.rows for m in mbs),
-                                max(m.prompt_len for m in mbs) + max_new, es)
+
+    def where(blk: CacheBlock) -> str:  # the tier attention runs on for this block
+        return "cpu" if ccc and blk.tier != "gpu" else "gpu"
+
+    def needs_stage(blk: CacheBlock) -> bool:
+        return blk.staged or where(blk) != blk.tier
+
+    staging: dict[str, _CacheStaging] = {}
+    if max_new > 1:
+        for w_ in {where(b) for row in caches for b in row if needs_stage(b)}:
+            staging[w_] = _CacheStaging(engine, w_, max(m.rows for m in mbs),
+                                        max(m.prompt_len for m in mbs) + max_new, es, cfg)
     gens = {k: row_generators(seed, mb.row_ids) for k, mb in enumerate(mbs)} if params.temperature > 0 else {}
     for mb in mbs:
         n = mb.rows
@@ -110,7 +117,7 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
             if not active:
                 break
             # decode-step cache pipeline: order of (layer, micro-batch) pairs needing a staged prefix
-            order = [(l, k) for l in range(L) for k in active if caches[l][k].tier in staged_homes] if step else []
+            order = [(l, k) for l in range(L) for k in active if needs_stage(caches[l][k])] if step else []
             cfut: dict[tuple[int, int], Future] = {}
             slot_of: dict[tuple[int, int], int] = {}
 
@@ -120,7 +127,8 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
                     slot_of[(l, k)] = i % 2
                     n_old = mbs[k].prompt_len + step - 1
                     blk = caches[l][k]
-                    cfut[(l, k)] = tiers.pool.submit(blk.load, n_old, staging.raw[i % 2], staging.dst[i % 2])
+                    st = staging[where(blk)]
+                    cfut[(l, k)] = tiers.pool.submit(blk.load, n_old, st.raw[i % 2], st.dst[i % 2], where(blk))
 
             prefetch(0)
             next_order = 1
@@ -147,7 +155,7 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
                             staged = None
                             if (j - 1, k) in cfut:
                                 wait(cfut.pop((j - 1, k)))
-                                staged = staging.dst[slot_of[(j - 1, k)]]
+                                staged = staging[where(blk)].dst[slot_of[(j - 1, k)]]
                                 prefetch(next_order)
                                 next_order += 1
                             attend = _decode_attend(blk, mb, step, staged, ccc, dev)
@@ -168,8 +176,8 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
         for row in caches:
             for blk in row:
                 blk.close()
-        if staging is not None:
-            staging.close()
+        for st in staging.values():
+            st.close()
 
 
 def _to_home(x: torch.Tensor, home: str) -> torch.Tensor:
@@ -182,7 +190,7 @@ def _from_home(x: torch.Tensor, home: str, dev: torch.device) -> torch.Tensor:
 
 def _prefill_attend(blk: CacheBlock, mb: MicroBatch):
     def attend(q, k, v):
-        blk.write(0, k, v)
+        k, v = blk.write(0, k, v)
         return layers.prefill_attention(q, k, v, mb.mask[:, :mb.prompt_len])
     return attend
 
@@ -195,7 +203,7 @@ def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool
         if on_host:  # computation delegation: move q/k/v (b*H*d each), not the cache
             q, k, v = q.cpu(), k.cpu(), v.cpu()
             blk.tiers.count("gpu->cpu", 3 * q.numel() * q.element_size())
-        blk.write(n_old, k, v)
+        k, v = blk.write(n_old, k, v)
         if staged is None:
             k_all, v_all = blk.resident(n_old + 1)
         else:

@@ -85,13 +85,12 @@ class WeightStore:
         tensors = dict(iter_layer_tensors(reader, layer_tensors(self.spec, j), self.dtype))
         for slot in lay.slots:
             t = tensors[slot.name]
+            dst = flat[slot.offset: slot.offset + slot.nbytes]
             if slot.kind == "dense":
-                flat[slot.offset: slot.offset + slot.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+                dst.copy_(t.contiguous().view(-1).view(torch.uint8))
             else:
                 from . import compression
-                packed, meta = compression.quantize(t, self.policy.comp_weight_config)
-                data = packed if slot.kind == "packed" else meta
-                flat[slot.offset: slot.offset + slot.nbytes].copy_(data.contiguous().view(-1).view(torch.uint8))
+                compression.to_buffer(t, self.policy.comp_weight_config, out=dst)
         return flat
 
     # ---- loading ---------------------------------------------------------------------------
@@ -137,24 +136,18 @@ class WeightStore:
         deq_off = 0
         ctx = torch.cuda.stream(self.stream) if self.tiers.on_cuda else _null()
         with ctx:
-            packed = {}
             for s in lay.slots:
                 if s.kind == "dense":
                     out[_short(s.name)] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
-                else:
-                    packed.setdefault(s.name, {})[s.kind] = (s, buf[s.offset:s.offset + s.nbytes])
-            if packed:
+                    continue
+                # compressed: dequantized once per layer per step, shared by every micro-batch
                 from . import compression
-                cfg = self.policy.comp_weight_config
-                for name, parts in packed.items():
-                    s = parts["packed"][0]
-                    meta = parts["meta"][1].view(compression.META_DTYPE)
-                    # one dequantization per layer per step, shared by every micro-batch
-                    val = compression.dequantize(parts["packed"][1], meta, s.shape, cfg, self.dtype)
-                    view = _view(self.dequant[slot], deq_off, val.numel() * val.element_size(), self.dtype, s.shape)
-                    view.copy_(val)  # TODO(lead): dequantize straight into the buffer
-                    deq_off += val.numel() * val.element_size()
-                    out[_short(name)] = view
+                n = torch.Size(s.shape).numel() * self.dtype.itemsize
+                dst = _view(self.dequant[slot], deq_off, n, self.dtype, s.shape)
+                compression.from_buffer(buf[s.offset:s.offset + s.nbytes], s.shape, self.policy.comp_weight_config,
+                                        self.dtype, out=dst)
+                deq_off += n
+                out[_short(s.name)] = dst
             if self.tiers.on_cuda:
                 ev = torch.cuda.Event()
                 ev.record(self.stream)

@@ -1,0 +1,203 @@
+"""`flexgen-helm bench`: FlexGen's throughput benchmark (one block of synthetic prompts), for the
+engine and, on the same model and workload, for HF `generate` or Accelerate's disk offloading.
+
+Metrics follow FlexGen: generation throughput = generated tokens / (prefill + decode time),
+prefill throughput = prompt tokens / prefill time, decode throughput = tokens after the first / decode time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from .engine.config import MemoryBudget, Policy, parse_bytes
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="throughput benchmark of the engine (or a baseline) on one block")
+    p.add_argument("--model", default="dummy:opt-1.3b", help="checkpoint dir, hub id, or dummy:opt-XXX")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--gpu-batch-size", type=int, default=4)
+    p.add_argument("--num-gpu-batches", type=int, default=1)
+    p.add_argument("--percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0],
+                   metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"))
+    p.add_argument("--policy", default=None, help="'auto' (policy search) or a JSON file of Policy fields")
+    p.add_argument("--cpu-cache-compute", action="store_true")
+    p.add_argument("--compress-weight", action="store_true")
+    p.add_argument("--compress-cache", action="store_true")
+    p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CPU, fp16 on CUDA")
+    p.add_argument("--offload-dir", default=None, help="disk tier directory (a temporary one inside . by default)")
+    p.add_argument("--gpu-mem", default=None, help="compute-tier budget, e.g. 16GB (CUDA: also caps the allocator)")
+    p.add_argument("--cpu-mem", default=None)
+    p.add_argument("--disk-mem", default=None)
+    p.add_argument("--baseline", choices=["hf", "accelerate"], default=None,
+                   help="also run HF generate (all in memory) or Accelerate disk offload, alternating with the engine")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs; the JSON reports medians")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    result = run_bench(args)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    keys = ("system", "model", "generation_throughput", "prefill_throughput", "decode_throughput")
+    brief = {k: result[k] for k in keys}
+    if "baseline" in result:
+        brief["baseline"] = {k: result["baseline"][k] for k in keys if k in result["baseline"]}
+        brief["speedup_vs_baseline"] = result["speedup_vs_baseline"]
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def _policy(args) -> Policy | str:
+    if args.policy == "auto":
+        return "auto"
+    if args.policy:
+        with open(args.policy) as f:
+            return Policy.from_dict(json.load(f))
+    return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
+                               num_gpu_batches=args.num_gpu_batches, cpu_cache_compute=args.cpu_cache_compute,
+                               compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+                               overlap=not args.no_overlap)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(4, vocab, (length - 1,), generator=g).tolist() for _ in range(n)]
+
+
+def _summary(runs: list[dict], n: int, prompt_len: int, gen_len: int) -> dict:
+    pre = statistics.median(r["prefill_s"] for r in runs)
+    dec = statistics.median(r["decode_s"] for r in runs)
+    tot = statistics.median(r["prefill_s"] + r["decode_s"] for r in runs)
+    return {"prefill_s": pre, "decode_s": dec, "total_s": tot,
+            "generation_throughput": n * gen_len / tot,
+            "prefill_throughput": n * prompt_len / pre,
+            "decode_throughput": n * (gen_len - 1) / dec if gen_len > 1 and dec > 0 else None,
+            "runs": runs}
+
+
+def run_bench(args) -> dict:
+    """Engine alone, or engine and baseline side by side: timed runs alternate between the two in one
+    process, so both see the same machine state (these machines are shared and noisy)."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
+        torch.float16 if args.device.startswith("cuda") else torch.bfloat16)
+    budget = MemoryBudget(parse_bytes(args.gpu_mem), parse_bytes(args.cpu_mem), parse_bytes(args.disk_mem))
+    if args.device.startswith("cuda") and budget.gpu and torch.cuda.is_available():
+        dev = torch.device(args.device)
+        torch.cuda.set_per_process_memory_fraction(budget.gpu / torch.cuda.get_device_properties(dev).total_memory, dev)
+    base = {"model": args.model, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "device": args.device,
+            "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
+    from .engine.engine import Engine
+    with Engine.from_pretrained(args.model, policy=_policy(args), device=args.device, dtype=dtype,
+                                offload_dir=args.offload_dir or os.getcwd(), budget=budget,
+                                prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                allow_compression=args.compress_weight or args.compress_cache) as eng, \
+            tempfile.TemporaryDirectory(prefix="flexgen-bench-", dir=args.offload_dir or os.getcwd()) as tmp:
+        n = eng.policy.block_size
+        prompts = _prompts(n, args.prompt_len, eng.spec.vocab_size)
+        eng.generate(prompts[: eng.policy.gpu_batch_size], max_new_tokens=2)  # warm-up (allocator, kernels)
+        baseline = _Baseline(args, dtype, prompts, tmp) if args.baseline else None
+        runs, base_runs, last = [], [], None
+        for i in range(args.repeat):
+            _progress(f"run {i + 1}/{args.repeat}")
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            last = eng.generate(prompts, max_new_tokens=args.gen_len)
+            runs.append({"prefill_s": last.stats.prefill_time, "decode_s": last.stats.decode_time,
+                         "io_wait_s": last.stats.io_wait_time})
+            if baseline is not None:
+                base_runs.append(baseline.run())
+        out = {"system": "flexgen-helm", **base, "num_prompts": n, **_summary(runs, n, args.prompt_len, args.gen_len),
+               "policy": eng.policy.to_dict(), "peak_memory_bytes": last.stats.peak_memory_bytes,
+               "bytes_moved": last.stats.bytes_moved, "page_cache_fallback_reads": last.stats.page_cache_fallback_reads,
+               "weight_bytes": sum(l.nbytes for l in eng.weights.layouts)}
+        if args.device.startswith("cuda"):
+            out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        if baseline is not None:
+            b = _summary(base_runs, n, args.prompt_len, args.gen_len)
+            out["baseline"] = {"system": args.baseline, **b}
+            out["speedup_vs_baseline"] = out["generation_throughput"] / b["generation_throughput"]
+        return out
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _hf_model(model: str, dtype):
+    """The same weights as the engine sees: a checkpoint, or the dummy generator's tensors."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from .engine.model_spec import load_spec
+    from .engine.placement import layer_tensors
+    from .engine.weights import DummyReader, resolve_checkpoint
+
+    if not model.startswith("dummy:"):
+        return OPTForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=dtype).eval()
+    spec = load_spec(model)
+    cfg = OPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.num_layers,
+                    ffn_dim=spec.ffn, num_attention_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
+                    word_embed_proj_dim=spec.embed_dim, do_layer_norm_before=spec.do_layer_norm_before)
+    with torch.device("meta"):
+        m = OPTForCausalLM(cfg)
+    reader = DummyReader(spec)
+    state = {}
+    for j in range(spec.num_layers + 2):
+        for name, shape in layer_tensors(spec, j):
+            state["model." + name if name != "lm_head.weight" else name] = reader.get_shaped(name, shape).to(dtype)
+    m.load_state_dict(state, assign=True, strict=False)
+    m.tie_weights()
+    return m.eval()
+
+
+class _Baseline:
+    """HF generate with everything in memory, or with Accelerate's disk offload, on the same weights."""
+
+    def __init__(self, args, dtype, prompts: list[list[int]], tmp: str):
+        import torch
+
+        model = _hf_model(args.model, dtype)
+        if args.baseline == "accelerate":
+            from accelerate import disk_offload
+            model = disk_offload(model, offload_dir=tmp, execution_device=torch.device(args.device))
+            for f in os.scandir(tmp):  # start cold, like the engine's O_DIRECT reads
+                if f.is_file():
+                    fd = os.open(f.path, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        else:
+            model = model.to(args.device)
+        self.model, self.gen_len = model, args.gen_len
+        self.ids = torch.tensor(prompts, device=args.device)
+        self.kw = dict(do_sample=False, pad_token_id=1, attention_mask=torch.ones_like(self.ids))
+        with torch.no_grad():
+            model.generate(self.ids[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=1,
+                           attention_mask=self.kw["attention_mask"][:1])
+
+    def run(self) -> dict:
+        import torch
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            self.model.generate(self.ids, max_new_tokens=1, min_new_tokens=1, **self.kw)
+            t1 = time.perf_counter()
+            self.model.generate(self.ids, max_new_tokens=self.gen_len, min_new_tokens=self.gen_len, **self.kw)
+            t2 = time.perf_counter()
+        # decode time = full run minus a prefill-only run
+        return {"prefill_s": t1 - t0, "decode_s": max((t2 - t1) - (t1 - t0), 1e-9)}
