@@ -292,3 +292,10 @@ def test_compressed_weight_bytes_from_engine_accounting():
     plan4 = memory_plan(spec, Policy(gpu_batch_size=8, cache_gpu_percent=0, cache_cpu_percent=100,
                                      compress_cache=True), 512, 32, 2)
     assert plan4["cpu"] < 0.3 * plan16["cpu"]  # the same host budget holds a >3x larger cache
+
+
+def test_no_overlap_gives_same_result(tiny_opt, ref, tmp_path):
+    import dataclasses
+    pol = dataclasses.replace(POLICIES["mixed-30-40-30"], overlap=False)
+    with _engine(tiny_opt, pol, tmp_path) as eng:
+        assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0]

@@ -109,7 +109,8 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
         return out
 
     steps = max(max_new, 1)
-    wfut = store.submit(0)
+    overlap = policy.overlap  # False: load, then compute, strictly in turn (for ablations)
+    wfut: Future | None = store.submit(0)
     try:
         for step in range(steps):
             t_step = time.perf_counter()
@@ -130,15 +131,17 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
                     st = staging[where(blk)]
                     cfut[(l, k)] = tiers.pool.submit(blk.load, n_old, st.raw[i % 2], st.dst[i % 2], where(blk))
 
-            prefetch(0)
-            next_order = 1
+            cursor = 0  # index in `order` of the next block to consume
+            if overlap:
+                prefetch(0)
             for j in range(nl):
-                w = wait(wfut)
+                w = wait(wfut if wfut is not None else store.submit(j))
+                wfut = None
                 if dev.type == "cuda":
                     torch.cuda.current_stream().wait_event(w["__event__"])
                 last = step == steps - 1 and j == nl - 1
-                if not last:
-                    wfut = store.submit((j + 1) % nl)  # overlap: next layer streams in while this one runs
+                if overlap and not last:
+                    wfut = store.submit((j + 1) % nl)  # next layer streams in while this one runs
                 for k in active:
                     mb = mbs[k]
                     if j == 0:
@@ -153,11 +156,14 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
                             attend = _prefill_attend(blk, mb)
                         else:
                             staged = None
-                            if (j - 1, k) in cfut:
+                            if needs_stage(blk):
+                                if not overlap:
+                                    prefetch(cursor)
                                 wait(cfut.pop((j - 1, k)))
                                 staged = staging[where(blk)].dst[slot_of[(j - 1, k)]]
-                                prefetch(next_order)
-                                next_order += 1
+                                cursor += 1
+                                if overlap:
+                                    prefetch(cursor)  # next block's prefix loads while this one computes
                             attend = _decode_attend(blk, mb, step, staged, ccc, dev)
                         hidden[k] = _to_home(layers.decoder_layer(w, spec, x, attend), act_home)
                     else:
