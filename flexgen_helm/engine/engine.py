@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -110,8 +109,10 @@ class Engine:
             raise ConfigError("the policy puts weights or cache on disk: pass offload_dir (--offload-dir)")
         if model.startswith("dummy:"):
             reader = DummyReader(spec)
-        else:
-            reader = CheckpointReader(resolve_checkpoint(model))
+        else:  # a hub id is checked against its public shape above, then downloaded and read for real
+            path = resolve_checkpoint(model)
+            spec = load_spec(path)
+            reader = CheckpointReader(path)
         return cls(spec, policy, reader, dev, dtype, offload_dir, budget, model)
 
     @property

@@ -76,6 +76,8 @@ class Tiers:
                       "disk": TierStats("disk", budget_disk)}
         self.offload_dir = offload_dir
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="flexgen-io")
+        # chunk reads get their own pool: a load task in `pool` waits on them, so sharing could deadlock
+        self.chunk_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="flexgen-read")
         self.bytes_moved: dict[str, int] = {}
         self.page_cache_fallback = 0
         self._moved_lock = threading.Lock()
@@ -118,6 +120,7 @@ class Tiers:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.chunk_pool.shutdown(wait=True)
         for f in self._files:
             f.remove()
         self._files.clear()
@@ -175,7 +178,7 @@ class DiskFile:
         spans = [(o, min(CHUNK, len(mv) - o)) for o in range(0, len(mv), CHUNK)]
         if parallel and len(spans) > 1:
             # Several outstanding requests keep the device queue busy (NVMe needs queue depth).
-            list(self.tiers.pool.map(lambda s: self._pread(mv[s[0]:s[0] + s[1]], offset + s[0]), spans))
+            list(self.tiers.chunk_pool.map(lambda s: self._pread(mv[s[0]:s[0] + s[1]], offset + s[0]), spans))
         else:
             for o, m in spans:
                 self._pread(mv[o:o + m], offset + o)

@@ -1,0 +1,334 @@
+"""Group-wise min-max quantization of weights and the KV cache (FlexGen's scheme), in two flat tensors.
+
+Scheme. A tensor is cut along `cfg.group_dim` into groups of `cfg.group_size` consecutive elements
+(for an (out, in) Linear weight with group_dim=0, one group is 64 consecutive output rows of one input
+column; for the KV cache with group_dim=-1, a group is (part of) one head's head_dim vector of one
+token). Asymmetric (default): per group `lo = min`, `step = (max - min) / (2^b - 1)`,
+`q = round((x - lo) / step)` in [0, 2^b - 1], and `x' = q * step + lo`. Symmetric: `step = absmax /
+(2^(b-1) - 1)`, `q = round(x / step)` in [-(2^(b-1) - 1), 2^(b-1) - 1], stored with an offset.
+
+Storage (what every tier holds and every link moves):
+- `packed`: uint8, 1-D. The codes in (outer, group, in-group, inner) order, cut into blocks of
+  64 bytes (4 bits: 128 codes, 2 bits: 256) or 96 bytes (3 bits: 256 codes, 8 per 24-bit word:
+  truly 3 bits each). Inside a block, byte/word j holds codes j, j + W, j + 2W, ... (W = words per
+  block) at increasing shifts, so unpacking is a few shifts with long contiguous runs (faster on
+  the CPU than alternating nibbles). 8 bits: one code per byte, blocks of 8. The last block is
+  zero-padded, so a tensor costs at most 95 bytes more than its bits; `packed_nbytes` counts them
+  and is a multiple of 8.
+- `meta`: float16, 1-D. Per group (lo, step) interleaved, or (step,) when symmetric, in
+  (outer, group, inner) order. fp16 because fp32 meta would cost 8 B per 64-value group and take
+  4-bit g64 from 0.28x to 0.31x of fp16. lo is rounded down and step up to fp16 *before* the codes
+  are computed, so the stored grid still covers [min, max] and every element stays within half a
+  step of its value (values must lie in fp16 range, |x| <= 65504).
+For a single byte buffer use `to_buffer` / `from_buffer` ([packed | meta], both aligned).
+
+Padding. An axis shorter than group_size forms one group of its own length (same result as padding
+it, without storing the pad). Otherwise the last group is padded with copies of the axis' last
+element, which never widens that group's range (FlexGen pads with zeros, which can).
+
+Appending (KV cache): with group_dim the last axis, the leading rows of a tensor own a prefix of
+`packed` and of `meta` whenever a row's code count is a multiple of the block (128 codes at 4 bits:
+true for every OPT model's heads * head_dim), so tokens can be compressed one at a time and appended.
+
+Speed. Arithmetic is fp32 in both directions whatever the dtypes, as separate mul and add kernels
+(no fused multiply-add), so CPU and CUDA, engine and reference model give bit-equal values. On the
+CPU, work is done in chunks of ~128K values with reused temporaries: full-size temporaries cost more
+in allocation and page faults than the arithmetic itself (dequantization went from ~6 to ~1 ns per
+value). On CUDA one chunk covers the tensor (the caching allocator makes temporaries cheap and
+fewer, larger kernels are faster).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .config import CompressionConfig, ConfigError
+
+META_DTYPE = torch.float16
+_META_BYTES = 2
+_CPU_CHUNK = 1 << 17  # values per CPU chunk: temporaries stay in cache and are reused
+# bits -> (codes per block, bytes per block, codes per stored word, bytes per stored word)
+# (64-byte rows of fields: torch's CPU kernels vectorize runs of 64 bytes ~4x better than 32)
+_BLOCK = {8: (8, 8, 1, 1), 4: (128, 64, 2, 1), 2: (256, 64, 4, 1), 3: (256, 96, 8, 3)}
+
+
+def _layout(shape, cfg: CompressionConfig) -> tuple[int, int, int, int, int]:
+    """(outer, axis_len, num_groups, group_len, inner) of `shape` grouped along cfg.group_dim."""
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    if nd == 0:
+        raise ConfigError("cannot group-quantize a 0-d tensor")
+    if not -nd <= cfg.group_dim < nd:
+        raise ConfigError(f"group_dim={cfg.group_dim} is out of range for a {nd}-d tensor of shape {shape}")
+    dim = cfg.group_dim % nd
+    n = shape[dim]
+    g = max(1, min(cfg.group_size, n))  # an axis shorter than a group is one group
+    return math.prod(shape[:dim]), n, -(-n // g), g, math.prod(shape[dim + 1:])
+
+
+def packed_nbytes(shape, cfg: CompressionConfig) -> int:
+    """Bytes of the packed codes of a tensor of `shape` (group and block padding included)."""
+    outer, _, ng, g, inner = _layout(shape, cfg)
+    codes, nbytes = _BLOCK[cfg.num_bits][:2]
+    return -(-(outer * ng * g * inner) // codes) * nbytes
+
+
+def meta_numel(shape, cfg: CompressionConfig) -> int:
+    """Number of fp16 meta values: 2 per group (lo, step), 1 when symmetric (step)."""
+    outer, _, ng, _, inner = _layout(shape, cfg)
+    return outer * ng * inner * (1 if cfg.symmetric else 2)
+
+
+def compressed_nbytes(shape, cfg: CompressionConfig) -> int:
+    """Stored bytes: packed codes plus fp16 meta. 4-bit g64: 36 B per 64 values = 0.28x fp16."""
+    return packed_nbytes(shape, cfg) + _META_BYTES * meta_numel(shape, cfg)
+
+
+def _fp16_toward(t: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp32 -> an fp16-representable value >= t (up) or <= t, returned as fp32.
+
+    Steps one fp16 spacing (2^(e-11) for |x| in [2^(e-1), 2^e), at least the 2^-24 subnormal step)
+    when the nearest fp16 lies on the wrong side. Below a power of two this skips a value: still a
+    valid bound. frexp/ldexp instead of nextafter: fp16 nextafter is missing on CUDA in older torch.
+    """
+    h = t.to(torch.float16).float()
+    _, e = torch.frexp(h)
+    ulp = torch.ldexp(torch.ones_like(h), e - 11).clamp_min_(2.0 ** -24).masked_fill_(h == 0, 2.0 ** -24)
+    wrong = h < t if up else h > t
+    return torch.where(wrong, h + ulp if up else h - ulp, h)
+
+
+def _chunk_rows(rows: int, row_codes: int, bits: int, device: torch.device) -> int:
+    """Rows per chunk: a whole number of blocks (so chunks pack independently), ~_CPU_CHUNK values."""
+    if device.type != "cpu" or rows * row_codes <= _CPU_CHUNK:
+        return max(rows, 1)
+    block = _BLOCK[bits][0]
+    unit = block // math.gcd(block, row_codes)  # fewest rows that fill whole blocks
+    return max(unit, _CPU_CHUNK // row_codes // unit * unit)
+
+
+def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """uint8 codes (a whole number of blocks, 1-D) -> `out` (uint8, bytes of those blocks)."""
+    block, nbytes, per_word, word_bytes = _BLOCK[bits]
+    if per_word == 1:
+        out.copy_(codes)
+        return
+    c = codes.view(-1, per_word, nbytes // word_bytes)  # [block, field k, word j] = code k*W + j
+    if word_bytes == 1:  # 2 and 4 bits: OR the shifted fields; fields stay inside their bytes
+        o = out.view(c.shape[0], -1)
+        o.copy_(c[:, 0])
+        for k in range(1, per_word):
+            o |= c[:, k] << (bits * k)
+        return
+    word = c[:, 0].to(torch.int32)  # 3 bits: 8 fields -> 24-bit word -> 3 little-endian bytes
+    for k in range(1, per_word):
+        word |= c[:, k].to(torch.int32) << (bits * k)
+    o = out.view(c.shape[0], -1, word_bytes)
+    for j in range(word_bytes):
+        o[:, :, j] = (word >> (8 * j)) & 0xFF
+
+
+def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Inverse of `_pack`: fill `out` (uint8, a whole number of blocks) from `packed`."""
+    block, nbytes, per_word, word_bytes = _BLOCK[bits]
+    if per_word == 1:
+        out.copy_(packed)
+        return
+    nblocks = out.numel() // block
+    dst = out.view(nblocks, per_word, -1)
+    mask = (1 << bits) - 1
+    if word_bytes == 1:  # 2 and 4 bits: scalar shift and mask per field, written in place
+        word = packed.view(nblocks, nbytes)
+        torch.bitwise_and(word, mask, out=dst[:, 0])
+        for k in range(1, per_word - 1):
+            torch.bitwise_and(word >> (bits * k), mask, out=dst[:, k])
+        torch.bitwise_right_shift(word, bits * (per_word - 1), out=dst[:, -1])  # top field: no mask
+        return
+    b = packed.view(nblocks, 1, -1, word_bytes).to(torch.int32)  # 3 bits: 3 bytes -> 24-bit word
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    shifts = torch.arange(0, bits * per_word, bits, dtype=word.dtype, device=word.device).view(1, -1, 1)
+    dst.copy_((word >> shifts) & mask)  # (blocks, 1, W) >> (1, k, 1) -> (blocks, k, W)
+
+
+def quantize(x: torch.Tensor, cfg: CompressionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 1-D, meta float16 1-D) of x, both on x.device. Reads x in any float dtype."""
+    outer, n, ng, g, inner = _layout(x.shape, cfg)
+    bits, dev = cfg.num_bits, x.device
+    packed = torch.empty(packed_nbytes(x.shape, cfg), dtype=torch.uint8, device=dev)
+    meta = torch.empty(meta_numel(x.shape, cfg), dtype=META_DTYPE, device=dev)
+    rows, row_codes = outer * ng, g * inner
+    if rows * row_codes == 0:
+        return packed, meta
+    src = x.detach().reshape(outer, n, inner)
+    if ng * g != n:  # replicate the last element: the pad never changes a group's min/max
+        src = torch.cat([src, src[:, -1:, :].expand(outer, ng * g - n, inner)], 1)
+    src = src.reshape(rows, g, inner)
+    meta2 = meta.view(rows, inner, -1)
+    block, block_bytes = _BLOCK[bits][:2]
+    per = _chunk_rows(rows, row_codes, bits, dev)
+    tmp = torch.empty(per, g, inner, device=dev)
+    codes = torch.empty(-(-per * row_codes // block) * block, dtype=torch.uint8, device=dev)
+    for r0 in range(0, rows, per):
+        k = min(per, rows - r0)
+        t = tmp[:k]
+        t.copy_(src[r0:r0 + k])  # fp32 math whatever x's dtype: exact min/max and rounding
+        if cfg.symmetric:
+            top = 2 ** (bits - 1) - 1
+            step = _fp16_toward(t.abs().amax(1, keepdim=True) / top, up=True)
+            inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))  # all-zero group: 0s
+            t.mul_(inv).round_().clamp_(-top, top).add_(top)
+            meta2[r0:r0 + k, :, 0] = step[:, 0]
+        else:
+            top = 2 ** bits - 1
+            lo = _fp16_toward(t.amin(1, keepdim=True), up=False)  # amin+amax beat aminmax on CPU
+            step = _fp16_toward((t.amax(1, keepdim=True) - lo) / top, up=True)
+            inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))  # constant group: 0s
+            t.sub_(lo).mul_(inv).round_().clamp_(0, top)
+            meta2[r0:r0 + k, :, 0] = lo[:, 0]
+            meta2[r0:r0 + k, :, 1] = step[:, 0]
+        nblocks = -(-k * row_codes // block)
+        c = codes[:nblocks * block]
+        c[:k * row_codes].copy_(t.view(-1).to(torch.int32))  # f32->i32->u8: 4x faster than f32->u8
+        c[k * row_codes:].zero_()  # only the last chunk has a partial block
+        b0 = r0 * row_codes // block * block_bytes
+        _pack(c, bits, packed[b0:b0 + nblocks * block_bytes])
+    return packed, meta
+
+
+def dequantize(packed: torch.Tensor, meta: torch.Tensor, shape, cfg: CompressionConfig,
+               dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Tensor of `shape` and `dtype` on packed.device from `quantize`'s output.
+
+    out: optional contiguous tensor of that shape and dtype to write into (saves an allocation;
+    on the CPU a fresh multi-MB tensor costs page faults on first touch).
+    """
+    outer, n, ng, g, inner = _layout(shape, cfg)
+    shape = tuple(int(s) for s in shape)
+    if packed.numel() != packed_nbytes(shape, cfg) or meta.numel() != meta_numel(shape, cfg):
+        raise ValueError(f"compressed data of {packed.numel()} B + {meta.numel()} meta values does not "
+                         f"match shape {shape} under {cfg}")
+    dev = packed.device
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=dev)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
+    rows, row_codes = outer * ng, g * inner
+    if rows * row_codes == 0:
+        return out
+    padded = ng * g != n
+    dst = torch.empty(rows, g, inner, dtype=dtype, device=dev) if padded else out.view(rows, g, inner)
+    m = meta.to(device=dev).view(rows, inner, -1)
+    bits = cfg.num_bits
+    block, block_bytes = _BLOCK[bits][:2]
+    per = _chunk_rows(rows, row_codes, bits, dev)
+    tmp = None if dtype == torch.float32 else torch.empty(per, g, inner, device=dev)
+    codes = torch.empty(-(-per * row_codes // block) * block, dtype=torch.uint8, device=dev)
+    for r0 in range(0, rows, per):
+        k = min(per, rows - r0)
+        nblocks = -(-k * row_codes // block)
+        b0 = r0 * row_codes // block * block_bytes
+        c = codes[:nblocks * block]
+        _unpack(packed[b0:b0 + nblocks * block_bytes], bits, c)
+        t = dst[r0:r0 + k] if tmp is None else tmp[:k]  # fp32 output: compute in place
+        t.view(-1).copy_(c[:k * row_codes])
+        # (lo, step) planes made contiguous: broadcasting a stride-2 operand is ~3x slower
+        mk = m[r0:r0 + k].permute(2, 0, 1).float().contiguous().unsqueeze(2)  # (1|2, k, 1, inner)
+        if cfg.symmetric:
+            t.sub_(2 ** (bits - 1) - 1).mul_(mk[0])
+        else:
+            t.mul_(mk[1]).add_(mk[0])
+        if tmp is not None:
+            dst[r0:r0 + k].copy_(t)
+    if padded:
+        out.view(outer, n, inner).copy_(dst.view(outer, ng * g, inner)[:, :n])
+    return out
+
+
+def fake_quantize(x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
+    """dequantize(quantize(x)): what the compute device sees, same shape and dtype as x."""
+    packed, meta = quantize(x, cfg)
+    return dequantize(packed, meta, x.shape, cfg, x.dtype)
+
+
+def to_buffer(x: torch.Tensor, cfg: CompressionConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Compress x into one flat uint8 buffer of compressed_nbytes: [packed | meta fp16 bytes].
+
+    packed_nbytes is a multiple of 8, so the meta starts aligned wherever the buffer does."""
+    packed, meta = quantize(x, cfg)
+    if out is None:
+        return torch.cat([packed, meta.view(torch.uint8)])
+    out[:packed.numel()].copy_(packed)
+    out[packed.numel():packed.numel() + 2 * meta.numel()].copy_(meta.view(torch.uint8))
+    return out
+
+
+def from_buffer(buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `to_buffer` (buf: uint8, at least compressed_nbytes long)."""
+    pb = packed_nbytes(shape, cfg)
+    meta = buf[pb:pb + _META_BYTES * meta_numel(shape, cfg)].view(META_DTYPE)
+    return dequantize(buf[:pb], meta, shape, cfg, dtype, out)
+
+
+# ---- reference ("quantize, dequantize, run uncompressed") models ------------------------------------
+
+def fake_quantize_model(model: torch.nn.Module, cfg: CompressionConfig, min_ndim: int = 2) -> list[str]:
+    """Replace every parameter with >= min_ndim dims by its fake-quantized value, in place.
+
+    With min_ndim=2 that is every matrix (Linear weights, token and position embeddings; OPT's tied
+    lm_head is the token embedding and is quantized once) and no bias or LayerNorm vector, as FlexGen
+    does. Returns the names changed.
+    """
+    done = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= min_ndim:
+                p.copy_(fake_quantize(p, cfg))
+                done.append(name)
+    return done
+
+
+def kivi_fake_quantize_keys(k: torch.Tensor, cfg: CompressionConfig, token_dim: int) -> torch.Tensor:
+    """KIVI-style keys: group along the token axis (one group = group_size tokens of one channel).
+
+    Only whole groups are quantized; the trailing len % group_size tokens stay full precision, as in
+    KIVI's residual window. Limits (simulation only, the engine does not store this layout): the
+    quantization of a key depends on the later tokens of its group, which a streaming cache would
+    not know yet; and tokens that arrive one per decode step are never quantized.
+    """
+    t = k.shape[token_dim]
+    whole = t // cfg.group_size * cfg.group_size
+    if whole == 0:
+        return k
+    head = fake_quantize(k.narrow(token_dim, 0, whole), replace(cfg, group_dim=token_dim))
+    return torch.cat([head, k.narrow(token_dim, whole, t - whole)], token_dim)
+
+
+def fake_quantize_kv_cache(model: torch.nn.Module, cfg: CompressionConfig,
+                           kivi_keys: bool = False) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook every attention block (modules with k_proj, v_proj, num_heads, head_dim: HF OPTAttention)
+    so that the keys and values it attends to, and caches, are fake-quantized.
+
+    The projections' outputs are viewed as (batch, tokens, heads, head_dim) and quantized with `cfg`
+    (group_dim=-1: along head_dim, FlexGen's choice), or, for keys with kivi_keys, per channel along
+    the tokens (`kivi_fake_quantize_keys`). Every token attends to quantized K/V, its own included,
+    in prefill and in decode alike. Remove with `[h.remove() for h in handles]`.
+    """
+    handles = []
+
+    def hook(module, heads: int, head_dim: int, per_channel: bool):
+        def fn(_mod, _inp, out: torch.Tensor) -> torch.Tensor:
+            v = out.view(*out.shape[:-1], heads, head_dim)
+            v = kivi_fake_quantize_keys(v, cfg, token_dim=-3) if per_channel else fake_quantize(v, cfg)
+            return v.reshape(out.shape)
+        return module.register_forward_hook(fn)
+
+    for mod in model.modules():
+        if all(hasattr(mod, a) for a in ("k_proj", "v_proj", "num_heads", "head_dim")):
+            handles.append(hook(mod.k_proj, mod.num_heads, mod.head_dim, kivi_keys))
+            handles.append(hook(mod.v_proj, mod.num_heads, mod.head_dim, False))
+    if not handles:
+        raise ConfigError("found no attention blocks (k_proj/v_proj) to quantize the KV cache of")
+    return handles
