@@ -19,7 +19,7 @@ Storage (what every tier holds and every link moves):
   (outer, group, inner) order. fp16 because fp32 meta would cost 8 B per 64-value group and take
   4-bit g64 from 0.28x to 0.31x of fp16. lo is rounded down and step up to fp16 *before* the codes
   are computed, so the stored grid still covers [min, max] and every element stays within half a
-  step of its value (values must lie in fp16 range, |x| <= 65504).
+  step of its value (for values in fp16 range; beyond it the meta saturates, no inf/NaN).
 For a single byte buffer use `to_buffer` / `from_buffer` ([packed | meta], both aligned).
 
 Padding. An axis shorter than group_size forms one group of its own length (same result as padding
@@ -48,6 +48,7 @@ from .config import CompressionConfig, ConfigError
 
 META_DTYPE = torch.float16
 _META_BYTES = 2
+_FP16_MAX = 65504.0
 _CPU_CHUNK = 1 << 17  # values per CPU chunk: temporaries stay in cache and are reused
 # bits -> (codes per block, bytes per block, codes per stored word, bytes per stored word)
 # (64-byte rows of fields: torch's CPU kernels vectorize runs of 64 bytes ~4x better than 32)
@@ -93,11 +94,11 @@ def _fp16_toward(t: torch.Tensor, up: bool) -> torch.Tensor:
     when the nearest fp16 lies on the wrong side. Below a power of two this skips a value: still a
     valid bound. frexp/ldexp instead of nextafter: fp16 nextafter is missing on CUDA in older torch.
     """
-    h = t.to(torch.float16).float()
+    h = t.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).float()  # saturate, never inf
     _, e = torch.frexp(h)
     ulp = torch.ldexp(torch.ones_like(h), e - 11).clamp_min_(2.0 ** -24).masked_fill_(h == 0, 2.0 ** -24)
     wrong = h < t if up else h > t
-    return torch.where(wrong, h + ulp if up else h - ulp, h)
+    return torch.where(wrong, h + ulp if up else h - ulp, h).clamp_(-_FP16_MAX, _FP16_MAX)
 
 
 def _chunk_rows(rows: int, row_codes: int, bits: int, device: torch.device) -> int:

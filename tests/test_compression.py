@@ -1,0 +1,303 @@
+"""Group-wise quantization (engine/compression.py): packing, error bounds, layout, sizes, configs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flexgen_helm import CompressionConfig, ConfigError
+from flexgen_helm.engine import compression as C
+
+BITS = (2, 3, 4, 8)
+
+
+def group_steps(shape, cfg, meta):
+    """Per-element (lo, step) of its group, broadcast back to `shape` (test-side re-derivation)."""
+    outer, n, ng, g, inner = C._layout(shape, cfg)
+    m = meta.float().view(outer, ng, 1, inner, -1).expand(outer, ng, g, inner, -1)
+    m = m.reshape(outer, ng * g, inner, -1)[:, :n].reshape(*shape, -1)
+    return (None, m[..., 0]) if cfg.symmetric else (m[..., 0], m[..., 1])
+
+
+def brute_force_groups(x: torch.Tensor, cfg: CompressionConfig) -> list[torch.Tensor]:
+    """The groups by definition: group_size consecutive elements along group_dim, per other index."""
+    xm = x.movedim(cfg.group_dim, -1).reshape(-1, x.shape[cfg.group_dim])
+    g = min(cfg.group_size, xm.shape[1])
+    return [row[i:i + g] for row in xm for i in range(0, xm.shape[1], g)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_round_trip_exact(bits):
+    block = C._BLOCK[bits][0]
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (5 * block,), dtype=torch.uint8, generator=gen)
+    packed = torch.empty(5 * C._BLOCK[bits][1], dtype=torch.uint8)
+    C._pack(codes, bits, packed)
+    back = torch.empty_like(codes)
+    C._unpack(packed, bits, back)
+    assert torch.equal(back, codes)
+    assert packed.numel() * 8 == codes.numel() * bits  # honest: exactly `bits` per value
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_values_on_the_grid_survive_exactly(bits, symmetric):
+    """x already quantized (grid of power-of-two step, every group spanning the full code range):
+    quantize -> dequantize gives x back bit for bit, so codes survive packing and unpacking."""
+    gen = torch.Generator().manual_seed(0)
+    top = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+    lo = -top if symmetric else 0
+    q = torch.randint(lo, top + 1, (6, 64, 10), generator=gen)
+    q[:, 0], q[:, 1] = lo, top  # each group (along dim 1) reaches both ends
+    x = q.float() * 0.125 + (0.0 if symmetric else -1.5)
+    cfg = CompressionConfig(bits, 64, 1, symmetric)
+    assert torch.equal(C.fake_quantize(x, cfg), x)
+
+
+def _samples():
+    gen = torch.Generator().manual_seed(1)
+    yield torch.randn(128, 96, generator=gen)
+    yield torch.randn(67, 33, generator=gen) * 3  # neither axis divisible by the group
+    yield 100 + 1e-3 * torch.randn(64, 20, generator=gen)  # offset far larger than the range
+    yield 1e-6 * torch.randn(64, 20, generator=gen)  # steps in fp16 subnormals
+    yield torch.cat([torch.zeros(64, 4), torch.full((64, 4), 0.1)], 1)  # constant groups
+    x = torch.randn(130, 5, generator=gen)
+    x[3, 2] = 50.0  # an outlier
+    yield x
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_dim", [0, -1])
+def test_every_element_within_half_a_step_of_its_group(bits, symmetric, group_dim):
+    cfg = CompressionConfig(bits, 64, group_dim, symmetric)
+    for x in _samples():
+        packed, meta = C.quantize(x, cfg)
+        y = C.dequantize(packed, meta, x.shape, cfg, torch.float32)
+        lo, step = group_steps(x.shape, cfg, meta)
+        slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + (0 if lo is None else lo.abs()))
+        assert ((x - y).abs() <= step / 2 + slack).all()
+        # and the step is the group's own: range / levels, up to the fp16 round-up of the meta
+        levels = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+        for grp, s in zip(brute_force_groups(x, cfg), brute_force_groups(step, cfg)):
+            assert torch.all(s == s[0])
+            if symmetric:
+                rng = grp.abs().max()
+            else:  # lo was rounded down to fp16: by a relative 2^-10 or the 2^-24 subnormal step
+                rng = grp.max() - grp.min() + max(2 ** -10 * grp.min().abs(), 2 ** -24)
+            assert s[0] <= rng / levels * (1 + 2 ** -10) + 2 ** -24
+
+
+def test_weight_groups_run_along_the_output_dim():
+    """group_dim=0 on an (out, in) weight: one group = 64 consecutive output rows of one input column."""
+    w = torch.zeros(128, 3)
+    w[:64, 0] = torch.linspace(0, 1, 64)  # one group spans [0, 1]; every other group is constant
+    _, meta = C.quantize(w, CompressionConfig(4, 64, 0))
+    lo, step = group_steps(w.shape, CompressionConfig(4, 64, 0), meta)
+    assert torch.all(step[:64, 0] > 0.06) and torch.all(step[64:, 0] == 0) and torch.all(step[:, 1:] == 0)
+
+
+@pytest.mark.parametrize("shape,group_dim,groups", [
+    ((100, 3), 0, 2 * 3),       # 100 = 64 + 36 (padded)
+    ((3, 10), 0, 1 * 10),       # axis shorter than a group: one group of 3
+    ((2, 5, 80), -1, 2 * 5 * 2),  # head_dim 80 (opt-2.7b): 64 + 16
+    ((7,), 0, 1),
+])
+def test_non_divisible_shapes(shape, group_dim, groups):
+    cfg = CompressionConfig(4, 64, group_dim)
+    x = torch.randn(shape)
+    packed, meta = C.quantize(x, cfg)
+    assert meta.numel() == C.meta_numel(shape, cfg) == 2 * groups
+    assert packed.numel() == C.packed_nbytes(shape, cfg)
+    y = C.dequantize(packed, meta, shape, cfg, torch.float32)
+    assert y.shape == x.shape and (x - y).abs().max() < 0.5
+
+
+def test_padding_does_not_widen_the_last_group():
+    x = torch.full((65, 1), 5.0)  # second group holds one element: a zero pad would stretch it to [0, 5]
+    packed, meta = C.quantize(x, CompressionConfig(4, 64, 0))
+    assert torch.equal(C.dequantize(packed, meta, x.shape, CompressionConfig(4, 64, 0), torch.float32), x)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"num_bits": 0}, "num_bits"), ({"num_bits": 5}, "num_bits"), ({"num_bits": 16}, "num_bits"),
+    ({"num_bits": True}, "num_bits"), ({"group_size": 0}, "group_size"), ({"group_size": -64}, "group_size"),
+    ({"group_size": 63}, "group_size"), ({"group_size": 64.0}, "group_size"), ({"group_dim": 1.5}, "group_dim"),
+    ({"symmetric": "yes"}, "symmetric"),
+])
+def test_bad_configs_rejected(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        CompressionConfig(**kwargs)
+
+
+def test_bad_shapes_and_buffers_rejected():
+    with pytest.raises(ConfigError, match="group_dim"):
+        C.quantize(torch.zeros(4, 4), CompressionConfig(4, 64, 2))
+    with pytest.raises(ConfigError, match="0-d"):
+        C.quantize(torch.tensor(1.0), CompressionConfig())
+    packed, meta = C.quantize(torch.zeros(64, 4), CompressionConfig())
+    with pytest.raises(ValueError, match="does not match"):
+        C.dequantize(packed, meta, (64, 8), CompressionConfig(), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (8192, 2048), (2048, 8192), (50272, 2048), (7168, 7168)])
+def test_4bit_g64_weight_bytes_at_most_029_of_fp16(shape):
+    cfg = CompressionConfig(4, 64, 0)
+    assert C.compressed_nbytes(shape, cfg) <= 0.29 * 2 * math.prod(shape)
+
+
+def test_sizes_match_the_tensors_and_symmetric_halves_the_meta():
+    x = torch.randn(200, 48)
+    for bits in BITS:
+        for sym in (False, True):
+            cfg = CompressionConfig(bits, 64, 0, sym)
+            packed, meta = C.quantize(x, cfg)
+            assert packed.dtype == torch.uint8 and meta.dtype == C.META_DTYPE
+            assert packed.numel() + 2 * meta.numel() == C.compressed_nbytes(x.shape, cfg)
+            assert packed.numel() % 8 == 0 and packed.numel() * 8 < (x.numel() + 4 * 64 * 48) * bits + 8 * 96
+            assert meta.numel() == 4 * 48 * (1 if sym else 2)
+
+
+def test_chunked_cpu_path_equals_one_chunk(monkeypatch):
+    """The CPU chunk loop (partial blocks, rows spanning chunks) must not change a single bit."""
+    x = torch.randn(3, 131, 77)
+    cfgs = [CompressionConfig(b, 64, d, s) for b in BITS for d in (0, 1, -1) for s in (False, True)]
+    monkeypatch.setattr(C, "_CPU_CHUNK", 1 << 30)
+    whole = [(C.quantize(x, c), c) for c in cfgs]
+    monkeypatch.setattr(C, "_CPU_CHUNK", 300)
+    for (packed, meta), cfg in whole:
+        p2, m2 = C.quantize(x, cfg)
+        assert torch.equal(p2, packed) and torch.equal(m2, meta), cfg
+        for dtype in (torch.float32, torch.bfloat16):
+            monkeypatch.setattr(C, "_CPU_CHUNK", 300)
+            a = C.dequantize(packed, meta, x.shape, cfg, dtype)
+            monkeypatch.setattr(C, "_CPU_CHUNK", 1 << 30)
+            assert torch.equal(a, C.dequantize(packed, meta, x.shape, cfg, dtype)), cfg
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_and_out_buffer(in_dtype, out_dtype):
+    cfg = CompressionConfig()
+    x = torch.randn(128, 40).to(in_dtype)
+    packed, meta = C.quantize(x, cfg)
+    y32 = C.dequantize(packed, meta, x.shape, cfg, torch.float32)
+    out = torch.empty(128, 40, dtype=out_dtype)
+    y = C.dequantize(packed, meta, x.shape, cfg, out_dtype, out=out)
+    assert y is out and torch.equal(y, y32.to(out_dtype))  # fp32 math, one final rounding
+    with pytest.raises(ValueError, match="out must be"):
+        C.dequantize(packed, meta, x.shape, cfg, out_dtype, out=torch.empty(40, 128, dtype=out_dtype))
+
+
+def test_kv_rows_own_a_prefix_so_tokens_can_be_appended():
+    cfg = CompressionConfig(4, 64, -1)
+    kv = torch.randn(10, 2 * 4, 16)  # (tokens, batch*heads, head_dim): 128 codes per token
+    packed, meta = C.quantize(kv, cfg)
+    for t in (1, 3, 10):
+        p, m = C.quantize(kv[:t], cfg)
+        assert torch.equal(packed[:p.numel()], p) and torch.equal(meta[:m.numel()], m)
+    rows = [C.quantize(kv[i:i + 1], cfg) for i in range(10)]  # one token at a time, then concatenated
+    y = C.dequantize(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), kv.shape, cfg,
+                     torch.float32)
+    assert torch.equal(y, C.dequantize(packed, meta, kv.shape, cfg, torch.float32))
+
+
+def test_buffer_round_trip():
+    cfg = CompressionConfig(3, 64, 0)
+    x = torch.randn(70, 9)
+    buf = torch.zeros(C.compressed_nbytes(x.shape, cfg) + 5, dtype=torch.uint8)
+    C.to_buffer(x, cfg, out=buf)
+    assert torch.equal(C.from_buffer(buf, x.shape, cfg, torch.float32), C.fake_quantize(x, cfg))
+    assert torch.equal(C.to_buffer(x, cfg), buf[:C.compressed_nbytes(x.shape, cfg)])
+
+
+def test_empty_tensor():
+    cfg = CompressionConfig()
+    packed, meta = C.quantize(torch.zeros(0, 8), cfg)
+    assert packed.numel() == meta.numel() == 0
+    assert C.dequantize(packed, meta, (0, 8), cfg, torch.float32).shape == (0, 8)
+
+
+def test_kivi_keys_group_tokens_per_channel_and_keep_a_residual():
+    cfg = CompressionConfig(2, 4, -1)
+    k = torch.randn(1, 10, 2, 8)  # (batch, tokens, heads, head_dim)
+    y = C.kivi_fake_quantize_keys(k, cfg, token_dim=1)
+    assert torch.equal(y[:, 8:], k[:, 8:])  # 10 % 4 = 2 trailing tokens stay full precision
+    assert torch.equal(y[:, :8], C.fake_quantize(k[:, :8], CompressionConfig(2, 4, 1)))
+    assert not torch.equal(y[:, :8], k[:, :8])
+
+
+@pytest.fixture(scope="module")
+def hf_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                    max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    return OPTForCausalLM(cfg).eval()
+
+
+def test_fake_quantize_model_changes_matrices_only(hf_opt):
+    import copy
+    m = copy.deepcopy(hf_opt)
+    cfg = CompressionConfig(4, 64, 0)
+    names = C.fake_quantize_model(m, cfg)
+    before = dict(hf_opt.named_parameters())
+    for name, p in m.named_parameters():
+        if name in names:
+            assert p.dim() == 2 and torch.equal(p, C.fake_quantize(before[name], cfg))
+        else:
+            assert p.dim() == 1 and torch.equal(p, before[name])
+    assert any("embed_tokens" in n for n in names) and any("fc1" in n for n in names)
+
+
+def test_fake_quantized_kv_cache_hooks(hf_opt):
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    attn = hf_opt.model.decoder.layers[0].self_attn
+    seen: dict[str, torch.Tensor] = {}
+    # hooks run in registration order, each seeing the output the previous one returned
+    raw = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("raw", o))
+    with torch.no_grad():
+        base = hf_opt(ids).logits
+        handles = C.fake_quantize_kv_cache(hf_opt, CompressionConfig(2, 64, -1))
+        probe = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("q", o))
+        q = hf_opt(ids).logits
+        for h in (raw, probe, *handles):
+            h.remove()
+        after = hf_opt(ids).logits
+    assert len(handles) == 4  # k and v of 2 layers
+    assert torch.isfinite(q).all() and not torch.allclose(q, base)
+    assert torch.equal(after, base)  # hooks removed: the model is untouched
+    # what attention saw: the projection fake-quantized in groups along head_dim (16 < 64: one group)
+    v = seen["raw"].view(2, 20, 4, 16)
+    assert torch.equal(seen["q"], C.fake_quantize(v, CompressionConfig(2, 64, -1)).view(2, 20, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    for bits in BITS:
+        for sym in (False, True):
+            cfg = CompressionConfig(bits, 64, 0, sym)
+            x = torch.randn(300, 70)
+            p, m = C.quantize(x, cfg)
+            pc, mc = C.quantize(x.cuda(), cfg)
+            assert torch.equal(pc.cpu(), p) and torch.equal(mc.cpu(), m)
+            for dt in (torch.float16, torch.float32):
+                assert torch.equal(C.dequantize(pc, mc, x.shape, cfg, dt).cpu(),
+                                   C.dequantize(p, m, x.shape, cfg, dt))
+
+
+def test_fp16_meta_rounding_is_directed_and_exact():
+    t = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 4, (2000,)).float(),
+                   torch.tensor([0.0, 1.0, -1.0, 2.0 ** -30, -(2.0 ** -30), 1 + 2 ** -12, -1 - 2 ** -12])])
+    up, down = C._fp16_toward(t, up=True), C._fp16_toward(t, up=False)
+    assert (up >= t).all() and (down <= t).all()
+    assert torch.equal(up.half().float(), up) and torch.equal(down.half().float(), down)  # stored exactly
+    h = t.half().float()
+    assert (up - t <= 2 * (h - t).abs() + 2 * torch.maximum(t.abs() * 2 ** -10, torch.tensor(2.0 ** -24))).all()
+
+
+def test_out_of_fp16_range_saturates_instead_of_nan():
+    x = torch.tensor([[1e6], [-1e6], [3.0], [0.0]]).expand(4, 8).contiguous()
+    y = C.fake_quantize(x, CompressionConfig(4, 64, 0))
+    assert torch.isfinite(y).all() and y.abs().max() <= 65504 * 16
