@@ -39,8 +39,9 @@ def register(sub) -> None:
     p.add_argument("--gpu-mem", default=None, help="compute-tier budget, e.g. 16GB (CUDA: also caps the allocator)")
     p.add_argument("--cpu-mem", default=None)
     p.add_argument("--disk-mem", default=None)
-    p.add_argument("--baseline", choices=["hf", "accelerate"], default=None,
-                   help="also run HF generate (all in memory) or Accelerate disk offload, alternating with the engine")
+    p.add_argument("--baseline", choices=["hf", "accelerate", "uncompressed"], default=None,
+                   help="also run, alternating with the engine: HF generate (all in memory), Accelerate disk "
+                        "offload, or the engine with the same policy but no compression")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the JSON reports medians")
     p.add_argument("--json", default=None, help="write the result here")
     p.set_defaults(func=_main)
@@ -112,7 +113,10 @@ def run_bench(args) -> dict:
         n = eng.policy.block_size
         prompts = _prompts(n, args.prompt_len, eng.spec.vocab_size)
         eng.generate(prompts[: eng.policy.gpu_batch_size], max_new_tokens=2)  # warm-up (allocator, kernels)
-        baseline = _Baseline(args, dtype, prompts, tmp) if args.baseline else None
+        if args.baseline == "uncompressed":
+            baseline = _EngineBaseline(args, eng, prompts, budget)
+        else:
+            baseline = _Baseline(args, dtype, prompts, tmp) if args.baseline else None
         runs, base_runs, last = [], [], None
         for i in range(args.repeat):
             _progress(f"run {i + 1}/{args.repeat}")
@@ -131,7 +135,8 @@ def run_bench(args) -> dict:
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
         if baseline is not None:
             b = _summary(base_runs, n, args.prompt_len, args.gen_len)
-            out["baseline"] = {"system": args.baseline, **b}
+            out["baseline"] = {"system": args.baseline, **b, **baseline.info()}
+            baseline.close()
             out["speedup_vs_baseline"] = out["generation_throughput"] / b["generation_throughput"]
         return out
 
@@ -201,3 +206,38 @@ class _Baseline:
             t2 = time.perf_counter()
         # decode time = full run minus a prefill-only run
         return {"prefill_s": t1 - t0, "decode_s": max((t2 - t1) - (t1 - t0), 1e-9)}
+
+    def info(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class _EngineBaseline:
+    """The same policy without compression, to measure what 4 bits buy on the same workload."""
+
+    def __init__(self, args, eng, prompts: list[list[int]], budget: MemoryBudget):
+        import dataclasses
+
+        from .engine.engine import Engine
+        self.policy = dataclasses.replace(eng.policy, compress_weight=False, compress_cache=False)
+        self.eng = Engine.from_pretrained(args.model, policy=self.policy, device=args.device, dtype=eng.dtype,
+                                          offload_dir=args.offload_dir or os.getcwd(), budget=budget,
+                                          prompt_len=args.prompt_len, gen_len=args.gen_len)
+        self.prompts, self.gen_len = prompts, args.gen_len
+        self.eng.generate(prompts[: self.policy.gpu_batch_size], max_new_tokens=2)
+        self.last = None
+
+    def run(self) -> dict:
+        self.last = self.eng.generate(self.prompts, max_new_tokens=self.gen_len)
+        st = self.last.stats
+        return {"prefill_s": st.prefill_time, "decode_s": st.decode_time, "io_wait_s": st.io_wait_time}
+
+    def info(self) -> dict:
+        return {"policy": self.policy.to_dict(), "peak_memory_bytes": self.last.stats.peak_memory_bytes,
+                "bytes_moved": self.last.stats.bytes_moved,
+                "weight_bytes": sum(l.nbytes for l in self.eng.weights.layouts)}
+
+    def close(self) -> None:
+        self.eng.close()
