@@ -51,13 +51,14 @@ def decoder_layer(w: Weights, spec: ModelSpec, x: torch.Tensor, attend: Attend) 
         x = _ln(w, "self_attn_layer_norm", x, spec)
     q, k, v = (_linear(w, f"self_attn.{p}_proj", x).view(b, t, H, d).transpose(1, 2) for p in "qkv")
     o = attend(q, k, v).transpose(1, 2).reshape(b, t, h)
-    x = res + _linear(w, "self_attn.out_proj", o)
+    # in-place adds and ReLU: fewer fresh multi-MB tensors, and on the CPU each one costs page faults
+    x = _linear(w, "self_attn.out_proj", o).add_(res)
     if not pre:
         x = _ln(w, "self_attn_layer_norm", x, spec)
     res = x
     if pre:
         x = _ln(w, "final_layer_norm", x, spec)
-    x = res + _linear(w, "fc2", F.relu(_linear(w, "fc1", x)))
+    x = _linear(w, "fc2", torch.relu_(_linear(w, "fc1", x))).add_(res)
     if not pre:
         x = _ln(w, "final_layer_norm", x, spec)
     return x
