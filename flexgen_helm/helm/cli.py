@@ -1,0 +1,92 @@
+"""`flexgen-helm run` and `flexgen-helm prod-env`."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (override the deployment's client_spec args)")
+    g.add_argument("--gpu-mem", help="compute-device budget, e.g. 16GB")
+    g.add_argument("--cpu-mem", help="host-memory budget, e.g. 200GB")
+    g.add_argument("--disk-mem", help="disk budget, e.g. 1.5TB")
+    g.add_argument("--policy", help="'auto' (policy search under the budgets) or a policy JSON file")
+    g.add_argument("--percent", nargs=6, type=float, metavar="P",
+                   help="FlexGen placement: w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu")
+    g.add_argument("--gpu-batch-size", type=int)
+    g.add_argument("--num-gpu-batches", type=int)
+    g.add_argument("--compress", action="store_true", help="4-bit group-wise weights and KV cache")
+    g.add_argument("--device", help="cpu | cuda[:i] (default: cuda when visible)")
+    g.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--offload-dir", help="directory for the disk tier")
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    kw = {"gpu_mem": args.gpu_mem, "cpu_mem": args.cpu_mem, "disk_mem": args.disk_mem, "policy": args.policy,
+          "percent": tuple(args.percent) if args.percent else None, "gpu_batch_size": args.gpu_batch_size,
+          "num_gpu_batches": args.num_gpu_batches, "device": args.device, "dtype": args.dtype,
+          "offload_dir": args.offload_dir}
+    if args.compress:
+        kw.update(compress_weight=True, compress_cache=True)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .batch_run import RunOptions, print_summary, run
+
+    opts = RunOptions(conf=args.conf or [], run_entries=args.run_entries or [], model=args.model,
+                      suite=args.suite, max_eval_instances=args.max_eval_instances,
+                      output_path=args.output_path, local_path=args.local_path, num_threads=args.num_threads,
+                      engine=engine_overrides(args), verbose=args.verbose, progress=not args.no_progress)
+    summary = run(opts)
+    print_summary(summary, args.output_path, args.suite)
+    return 1 if summary.failures or summary.request_errors else 0
+
+
+def _prod_env(args: argparse.Namespace) -> int:
+    from ..engine.config import ConfigError
+    from .prod_env import write_prod_env
+
+    checkpoints = {}
+    for item in args.checkpoint or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--checkpoint takes NAME=DIR (e.g. opt-30b=/weights/opt-30b), got {item!r}")
+        checkpoints[name] = path
+    if args.tiny:
+        from ..tiny import default_model_dir
+        checkpoints.setdefault("tiny-opt", default_model_dir())
+    for path in write_prod_env(args.out, checkpoints, args.weights_root):
+        print(path)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a HELM conf through the engine in shared, length-bucketed batches",
+        description="Plan every run entry with HELM, compute all requests in batches shared across "
+                    "sub-scenarios (each batch saved to HELM's cache as it finishes, so a killed run "
+                    "resumes), then let HELM score every run from the cache.")
+    p.add_argument("--conf", "-c", nargs="+", help="HELM run-entries conf file(s), e.g. run_specs.conf")
+    p.add_argument("-r", "--run-entries", nargs="+", help="extra run entries, e.g. mmlu:subject=anatomy")
+    p.add_argument("--model", required=True,
+                   help="flexgen deployment (flexgen/opt-30b), HELM model name (meta/opt-30b) or checkpoint dir")
+    p.add_argument("--suite", default="flexgen")
+    p.add_argument("-m", "--max-eval-instances", type=int,
+                   help="eval instances per entry (also caps an entry's own max_eval_instances)")
+    p.add_argument("-o", "--output-path", default="benchmark_output")
+    p.add_argument("--local-path", default="prod_env", help="HELM's prod_env (configs and request cache)")
+    p.add_argument("-n", "--num-threads", type=int, default=4, help="HELM threads for scoring")
+    p.add_argument("--verbose", action="store_true", help="show HELM's log on the console")
+    p.add_argument("--no-progress", action="store_true")
+    add_engine_args(p)
+    p.set_defaults(func=_run)
+
+    q = subparsers.add_parser("prod-env", help="write HELM prod_env configs for the flexgen deployments",
+                              description="Write model_metadata/model_deployments/tokenizer_configs YAMLs "
+                                          "(flexgen/opt-* and flexgen/opt-*-4bit) into a HELM prod_env.")
+    q.add_argument("--out", default="prod_env")
+    q.add_argument("--weights-root", help="directory holding opt-XXX checkpoint directories")
+    q.add_argument("--checkpoint", action="append", metavar="NAME=DIR",
+                   help="a checkpoint: opt-30b=/w/opt-30b repoints flexgen/opt-30b; other names add flexgen/NAME")
+    q.add_argument("--tiny", action="store_true", help="also add the embedded tiny model (flexgen/tiny-opt)")
+    q.set_defaults(func=_prod_env)
