@@ -35,8 +35,9 @@ class TinyOPT:
     seed: int = 0
 
 
-def train_tokenizer(out_dir: str, vocab_size: int) -> None:
-    """OPT-style ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3; </s> is prepended like OPT's."""
+def train_tokenizer(out_dir: str, vocab_size: int) -> int:
+    """OPT-style ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3; </s> is prepended like OPT's.
+    Returns the size of the learned vocabulary (at most vocab_size: the corpus may run out of merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,6 +54,7 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> None:
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         padding_side="left", model_max_length=2048)
     fast.save_pretrained(out_dir)
+    return tok.get_vocab_size()
 
 
 def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = "safetensors",
@@ -65,8 +67,10 @@ def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = 
     from transformers import OPTConfig, OPTForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
+    # the model's vocabulary is the tokenizer's, so every id the model can emit decodes to text
+    vocab = train_tokenizer(out_dir, cfg.vocab_size) if tokenizer else cfg.vocab_size
     config = OPTConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.num_layers,
+        vocab_size=vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.num_layers,
         ffn_dim=cfg.ffn, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
         word_embed_proj_dim=cfg.word_embed_proj_dim or cfg.hidden, do_layer_norm_before=not cfg.post_ln,
         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
@@ -85,8 +89,6 @@ def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = 
     if max_shard_size:
         kw["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kw)
-    if tokenizer:
-        train_tokenizer(out_dir, cfg.vocab_size)
     with open(os.path.join(out_dir, "flexgen_tiny.json"), "w") as f:
         json.dump(cfg.__dict__, f)
     return out_dir
