@@ -43,6 +43,9 @@ def register(sub) -> None:
                    help="also run, alternating with the engine: HF generate (all in memory), Accelerate disk "
                         "offload, or the engine with the same policy but no compression")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the JSON reports medians")
+    p.add_argument("--bound", action="store_true",
+                   help="also measure disk read bandwidth and matmul throughput here and report the per-step "
+                        "lower bound max(disk bytes / disk bw, matmul FLOPs / matmul rate)")
     p.add_argument("--json", default=None, help="write the result here")
     p.set_defaults(func=_main)
 
@@ -133,12 +136,62 @@ def run_bench(args) -> dict:
                "weight_bytes": sum(l.nbytes for l in eng.weights.layouts)}
         if args.device.startswith("cuda"):
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        if args.bound:
+            out["bound"] = step_bound(eng, n, args.prompt_len, args.gen_len, out["generation_throughput"])
         if baseline is not None:
             b = _summary(base_runs, n, args.prompt_len, args.gen_len)
             out["baseline"] = {"system": args.baseline, **b, **baseline.info()}
             baseline.close()
             out["speedup_vs_baseline"] = out["generation_throughput"] / b["generation_throughput"]
         return out
+
+
+def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> dict:
+    """Lower bound on the generation time of one block: every step (the prefill, then each decode
+    step) must read the disk-resident weights and do the matmuls. Constants are measured here, on
+    the engine's own weight file (O_DIRECT, 8 MB requests in parallel, as the engine reads) and on
+    layer-shaped matmuls in the engine's dtype."""
+    import torch
+
+    spec, pol, store = eng.spec, eng.policy, eng.weights
+    disk_bytes = sum(db for _, _, db in store.segments)
+    disk_bw = None
+    if store.disk is not None:
+        from .engine.tiers import aligned_host_buffer
+        buf = aligned_host_buffer(min(disk_bytes, 1 << 30))
+        times = []
+        for off in (0, disk_bytes // 2):
+            nb = min(buf.numel(), store.disk.size - off) // 4096 * 4096
+            t0 = time.perf_counter()
+            store.disk.read_into(off, buf[:nb])
+            times.append(nb / (time.perf_counter() - t0))
+        disk_bw = statistics.median(times)
+    h, f = spec.hidden, spec.ffn
+    mm_params = spec.num_layers * (4 * h * h + 2 * h * f) + spec.vocab_size * spec.embed_dim
+
+    def mm_rate(rows: int) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
+        a = torch.randn(rows, h, dtype=eng.dtype)
+        w = torch.randn(4 * h, h, dtype=eng.dtype)
+        torch.nn.functional.linear(a, w)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * rows * h * 4 * h / best
+
+    rate_decode = mm_rate(pol.gpu_batch_size)
+    rate_prefill = mm_rate(min(pol.gpu_batch_size * prompt_len, 8192))
+    io = disk_bytes / disk_bw if disk_bw else 0.0
+    prefill = max(io, 2 * mm_params * n * prompt_len / rate_prefill)
+    decode = max(io, 2 * mm_params * n / rate_decode)
+    total = prefill + (gen_len - 1) * decode
+    bound_tput = n * gen_len / total
+    return {"formula": "per step: max(disk weight bytes / disk read bw, matmul FLOPs / matmul FLOP/s)",
+            "disk_weight_bytes": disk_bytes, "disk_read_bw": disk_bw,
+            "matmul_flops_per_s_decode": rate_decode, "matmul_flops_per_s_prefill": rate_prefill,
+            "prefill_bound_s": prefill, "decode_step_bound_s": decode,
+            "generation_throughput_bound": bound_tput, "fraction_of_bound": measured / bound_tput}
 
 
 def _progress(msg: str) -> None:
