@@ -26,11 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexgen-helm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in dict.fromkeys(_COMMANDS.values()):
-        try:  # TODO(lead): strict again once every module has landed
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        importlib.import_module(module).register(sub)
     return parser
 
 
