@@ -1,0 +1,407 @@
+"""Cost model of one generation block under the engine's schedule, linear in the placement fractions.
+
+One block = `num_gpu_batches` micro-batches of `gpu_batch_size` rows: a prefill step, then
+`gen_len - 1` decode steps. Each step walks the scheduling layers (embedding, L decoder layers,
+LM head); while layer j computes on every micro-batch, the I/O pool stages layer j+1's weights and
+the next micro-batch's cache prefix (scheduler.py). So a layer slot lasts as long as its busiest
+resource (overlap = max), and within a resource the work adds up (serial parts = sums):
+
+- compute:  per micro-batch dispatch overhead + matmuls + attention (+ host attention when decode
+            attention is delegated to the CPU, + dequantization). When the compute device is the
+            CPU, memory copies run on the same cores, so they are added here too.
+- weights:  the one pool thread staging layer j+1: copy of its compute-tier part into the staging
+            buffer, host part over host->compute, disk part (then host->compute on CUDA), dequant.
+- cache:    the pool thread prefetching cache prefixes of blocks that are not where attention runs.
+- links:    total bytes over host->compute, and disk reads plus writes, per slot.
+
+Every term is a `Lin` (constant + coefficients on placement variables), so the same expressions
+evaluate a given Policy (`estimate`) and become LP constraints (search.py). Variables:
+  wg wc wd   weight fractions        cg cc cd   cache fractions      hg hc   activations (0/1)
+  s          1 when weights stream (wg < 1); y = wg*s (the compute-tier part copied to staging)
+  zw ug uc   indicators (BlockModel.indicators): some weights on disk; cache staging buffers exist
+             on the compute tier / on the host
+Memory per tier mirrors placement.memory_plan, the engine's own accounting (the search re-checks
+its answers with memory_plan itself).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..engine.config import CompressionConfig, Policy
+from ..engine.model_spec import ModelSpec
+from .profiler import HardwareProfile
+
+ALIGN = 4096
+CONT_VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "y")
+BIN_VARS = ("hg", "s", "zw", "ug", "uc")
+
+
+class Lin(dict):
+    """Linear expression: {variable: coefficient}, the constant under key ""."""
+
+    def __add__(self, other: "Lin | float") -> "Lin":
+        out = Lin(self)
+        if isinstance(other, Lin):
+            for k, v in other.items():
+                out[k] = out.get(k, 0.0) + v
+        else:
+            out[""] = out.get("", 0.0) + float(other)
+        return out
+
+    __radd__ = __add__
+
+    def __mul__(self, c: float) -> "Lin":
+        return Lin({k: v * c for k, v in self.items()})
+
+    __rmul__ = __mul__
+
+    def value(self, x: dict[str, float]) -> float:
+        return sum(v * (1.0 if k == "" else x[k]) for k, v in self.items())
+
+
+def var(name: str, coef: float = 1.0) -> Lin:
+    return Lin({name: coef})
+
+
+def const(c: float) -> Lin:
+    return Lin({"": float(c)})
+
+
+def _align(n: float) -> float:
+    return math.ceil(n / ALIGN) * ALIGN
+
+
+@dataclass
+class Slot:
+    """`count` identical layer slots lasting max(resources) each."""
+
+    name: str
+    count: float
+    resources: dict[str, Lin]
+
+
+@dataclass
+class BlockModel:
+    """Time and memory of one block for fixed (gpu_batch_size, num_gpu_batches, flags)."""
+
+    gbs: int
+    ngb: int
+    cpu_cache_compute: bool
+    compress_weight: bool
+    compress_cache: bool
+    prefill: list[Slot]
+    decode: list[Slot]
+    serial: Lin  # time outside the slots (the first layer's load)
+    memory: dict[str, Lin]
+    link_bytes: dict[str, Lin]  # bytes per block over each link, for reports
+    cache_blocks: int  # (layer, micro-batch) cache blocks: cache fractions come in 1/cache_blocks steps
+    # binary variable -> fractions whose being > 0 forces it to 1 (buffers that exist only then)
+    indicators: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def time(self, x: dict[str, float]) -> tuple[float, float]:
+        """(prefill seconds, decode seconds) of the block at variable values x."""
+        def total(slots: list[Slot]) -> float:
+            return sum(s.count * max(r.value(x) for r in s.resources.values()) for s in slots)
+        return total(self.prefill) + self.serial.value(x), total(self.decode)
+
+    def bottlenecks(self, x: dict[str, float]) -> dict[str, str]:
+        return {s.name: max(s.resources, key=lambda k: s.resources[k].value(x))
+                for s in self.prefill + self.decode}
+
+
+@dataclass
+class Estimate:
+    policy: Policy
+    prompt_len: int
+    gen_len: int
+    prefill_s: float  # one block
+    decode_s: float
+    memory: dict[str, int]  # peak bytes per tier (engine's memory_plan)
+    link_bytes: dict[str, float]
+    bottlenecks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def block_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second (FlexGen's headline metric: gen tokens / (prefill + decode))."""
+        return self.policy.block_size * self.gen_len / self.block_s
+
+    @property
+    def prefill_throughput(self) -> float:
+        return self.policy.block_size * self.prompt_len / self.prefill_s
+
+    @property
+    def decode_throughput(self) -> float:
+        n = self.policy.block_size * max(self.gen_len - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy.to_dict(), "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s, "block_s": self.block_s,
+                "throughput": self.throughput, "prefill_throughput": self.prefill_throughput,
+                "decode_throughput": self.decode_throughput, "memory": self.memory,
+                "link_bytes": self.link_bytes, "bottlenecks": self.bottlenecks}
+
+
+def _weight_sizes(spec: ModelSpec, es: int, compress: bool, cfg: CompressionConfig) -> list[tuple[int, int]]:
+    """(stored bytes, dense bytes) of every scheduling layer: embedding, decoders, head."""
+    from ..engine.placement import layer_layout
+    pol = Policy(compress_weight=compress, comp_weight_config=cfg)
+    out = []
+    for j in (0, 1, spec.num_layers + 1):
+        lay = layer_layout(spec, j, es, pol)
+        out.append((lay.nbytes, lay.dense_nbytes))
+    return out
+
+
+def _cache_block_bytes(spec: ModelSpec, rows: int, capacity: int, es: int, compress: bool,
+                       cfg: CompressionConfig) -> int:
+    from ..engine.placement import cache_block_nbytes
+    return cache_block_nbytes(spec, rows, capacity, es, Policy(compress_cache=compress, comp_cache_config=cfg))
+
+
+def decode_segments(prompt_len: int, gen_len: int, max_segments: int = 4) -> list[tuple[float, float]]:
+    """Decode steps 1..gen_len-1 grouped into <= max_segments runs: (steps, mean cached positions).
+    Step i attends to prompt_len + i positions, so costs grow along the block."""
+    steps = gen_len - 1
+    if steps <= 0:
+        return []
+    k = min(max_segments, steps)
+    out = []
+    for i in range(k):
+        lo = 1 + steps * i // k
+        hi = steps * (i + 1) // k  # inclusive
+        n = hi - lo + 1
+        out.append((float(n), prompt_len + (lo + hi) / 2.0))
+    return out
+
+
+def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, prompt_len: int,
+                      gen_len: int, dtype_bytes: int, cpu_cache_compute: bool = False,
+                      compress_weight: bool = False, compress_cache: bool = False,
+                      comp_weight_config: CompressionConfig | None = None,
+                      comp_cache_config: CompressionConfig | None = None) -> BlockModel:
+    from ..engine.placement import workspace_nbytes
+
+    wcfg = comp_weight_config or Policy().comp_weight_config
+    ccfg = comp_cache_config or Policy().comp_cache_config
+    es = dtype_bytes
+    cuda = hw.device == "cuda"
+    h, f, L, V, E = spec.hidden, spec.ffn, spec.num_layers, spec.vocab_size, spec.embed_dim
+    b, K, s, n = gbs, ngb, prompt_len, gen_len
+    ccc = cpu_cache_compute
+    (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg)
+    W_st = emb_st + L * dec_st + head_st
+    max_st = max(emb_st, dec_st, head_st)
+    max_dn = max(emb_dn, dec_dn, head_dn)
+    capacity = s + max(n, 1)
+    blk = _cache_block_bytes(spec, b, capacity, es, compress_cache, ccfg)
+    dense_blk = 2 * b * capacity * h * es
+    stored_ratio = blk / dense_blk  # cache bytes stored (and moved) per dense byte
+    nblocks = L * K
+
+    # ---- memory per tier (mirrors placement.memory_plan) ------------------------------------
+    act = K * _align(b * s * h * es)
+    stage_w = 2 * _align(max_st + ALIGN)
+    mem = {
+        "gpu": var("wg", W_st) + var("s", stage_w) + var("cg", nblocks * blk) + var("hg", act)
+        + const(workspace_nbytes(spec, b, s, es, b) + (2 * max_dn if compress_weight else 0)),
+        "cpu": var("wc", W_st) + var("cc", nblocks * blk) + var("hc", act),
+        "disk": var("wd", W_st) + var("zw", (L + 2) * ALIGN) + var("cd", nblocks * _align(blk)),
+    }
+    if cuda:  # pinned bounce buffers for disk -> GPU weight reads
+        mem["cpu"] = mem["cpu"] + var("wd", 2 * max_st) + var("zw", 4 * ALIGN)
+    # Decode-time cache staging, two slots of (dense prefix + raw read buffer), on the compute tier
+    # ("ug") for blocks copied to it, on the host ("uc") for disk blocks attended there.
+    # Compressed blocks are always staged (dequantized) where attention runs.
+    raw = _align(blk + ALIGN)
+    indicators: dict[str, tuple[str, ...]] = {"zw": ("wd",)}
+    if ccc:
+        indicators["ug"] = ("cg",) if compress_cache else ()
+        indicators["uc"] = ("cc", "cd") if compress_cache else ("cd",)
+    else:
+        indicators["ug"] = ("cg", "cc", "cd") if compress_cache else ("cc", "cd")
+        indicators["uc"] = ()
+    for ind, where in (("ug", "gpu"), ("uc", "cpu")):
+        if indicators[ind]:
+            mem[where] = mem[where] + var(ind, 2 * dense_blk)
+            raw_tier = "cpu" if cuda else where
+            mem[raw_tier] = mem[raw_tier] + var(ind, 2 * raw)
+
+    # ---- helpers: seconds per byte on each path ----------------------------------------------
+    h2d, d2h = 1.0 / hw.h2d_bw, 1.0 / hw.d2h_bw
+    dev_copy = 1.0 / hw.dev_copy_bw
+    rd, wr = 1.0 / hw.disk_read_bw, 1.0 / hw.disk_write_bw
+    rd_serial = 1.0 / (hw.disk_read_serial_bw or hw.disk_read_bw)
+    share = not hw.copy_overlaps_compute  # CPU compute device: copies steal the compute cores
+
+    def mm(rows: int, flops: float, prefill: bool) -> float:
+        return flops / hw.mm_rate(rows, prefill)
+
+    # ---- weight staging of one layer (pool thread), as Lin in the placement variables ---------
+    def weight_chain(stored: int, dense: int) -> tuple[Lin, Lin, Lin, Lin]:
+        """(chain seconds, host->compute bytes, disk read bytes, copy seconds on compute cores)."""
+        copy_s = var("y", stored * dev_copy) + var("wc", stored * h2d)
+        chain = Lin(copy_s) + var("wd", stored * rd)
+        link = var("wc", stored)
+        if cuda:  # disk -> pinned bounce -> GPU
+            chain = chain + var("wd", stored * h2d)
+            link = link + var("wd", stored)
+        deq = const(dense / hw.dequant_bw) if compress_weight else const(0.0)
+        # dequantization runs on the compute device whichever thread issues it
+        cores = (copy_s if share else Lin()) + deq
+        return chain + deq, link, var("wd", stored), cores
+
+    wch = {name: weight_chain(st, dn) for name, st, dn in
+           (("emb", emb_st, emb_dn), ("dec", dec_st, dec_dn), ("head", head_st, head_dn))}
+
+    # ---- compute of one layer over the K micro-batches ------------------------------------------
+    ov = hw.layer_overhead_s
+    act_move = lambda t: var("hc", 2 * b * t * h * es * (d2h + h2d) / 2)  # noqa: E731  to host and back
+
+    def dec_compute(prefill: bool, ctx: float) -> tuple[Lin, Lin, Lin, Lin, Lin]:
+        """Decoder layer: (compute s, cache-chain s, host->compute bytes, disk read B, disk write B)."""
+        t = s if prefill else 1
+        rows = b * t
+        flops = 2 * rows * (4 * h * h + 2 * h * f)
+        rate = hw.layer_rate(rows, h, prefill)  # whole measured layers when the profile has them
+        comp = const(K * (hw.sched_overhead_s + (flops / rate if rate else ov + mm(rows, flops, prefill))))
+        comp = comp + act_move(t) * K
+        if prefill:
+            comp = comp + const(K * (hw.attn_prefill_overhead_s + 2 * b * s * s * h / hw.attn_prefill_flops))
+            new = 2 * b * s * h * es * stored_ratio  # K/V of the prompt, per micro-batch
+            if compress_cache:
+                comp = comp + const(K * 2 * b * s * h * es / hw.quant_bw)
+            # host copies happen on the compute stream; disk blocks go through the host then the pool
+            comp = comp + (var("cc", K * new * d2h) + var("cd", K * new * d2h))
+            return comp, Lin(), Lin(), Lin(), var("cd", K * new)
+        dense = 2 * b * ctx * h * es  # K+V attended per micro-batch
+        moved = dense * stored_ratio  # what a prefix load moves
+        new = 2 * b * h * es * stored_ratio
+        # fixed costs: the attention call, and per disk block the append/wait/read bookkeeping that
+        # the engine measurably does not hide (profile.disk_block_s)
+        comp = comp + const(K * hw.attn_decode_overhead_s) + var("cd", K * hw.disk_block_s)
+        comp = comp + var("cg", K * dense / hw.attn_decode_bw) + var("cd", K * new * d2h)
+        if compress_cache:
+            comp = comp + const(K * (dense / hw.dequant_bw + 2 * b * h * es / hw.quant_bw))
+        if ccc:  # off-compute-tier blocks: attention on the host, q/k/v out and result back
+            off = var("cc", K) + var("cd", K)
+            comp = comp + off * (dense / hw.host_attn_decode_bw + 3 * b * h * es * d2h + b * h * es * h2d)
+            # disk blocks are read into host staging (single-threaded reads) and re-laid head-major
+            chain = var("cd", K * (moved * (rd_serial + dev_copy) + hw.disk_sync_s))
+            h2d_b = Lin()
+            if share:
+                comp = comp + var("cd", K * moved * dev_copy)
+        else:  # prefixes are copied to the compute tier, then attended there
+            comp = comp + (var("cc", K) + var("cd", K)) * (dense / hw.attn_decode_bw)
+            chain = var("cc", K * moved * h2d) + var("cd", K * (moved * (rd_serial + h2d) + hw.disk_sync_s))
+            h2d_b = var("cc", K * moved) + var("cd", K * moved)
+            if share:
+                comp = comp + (var("cc", K * moved * h2d) + var("cd", K * moved * h2d))
+        return comp, chain, h2d_b, var("cd", K * moved), var("cd", K * new + K * hw.disk_sync_s * hw.disk_write_bw)
+
+    def head_compute(prefill: bool) -> Lin:
+        logits = 2 * b * V * E  # last position only
+        extra = 2 * b * E * h if spec.has_projections else 0
+        rate = hw.head_rate(b, E)  # measured head + greedy sampling when the profile has it
+        if rate:
+            t_head = logits / rate + (mm(b, extra, False) if extra else 0.0)
+        else:  # sampling reads the fp32 logits a few times (softmax, top-k/argmax)
+            t_head = ov * 0.5 + mm(b, logits + extra, False) + 4 * b * V * 4 * dev_copy
+        return const(K * (t_head + hw.sched_overhead_s)) + act_move(1) * K
+
+    def emb_compute(prefill: bool) -> Lin:
+        t = s if prefill else 1
+        proj = mm(b * t, 2 * b * t * E * h, prefill) if spec.has_projections else 0.0
+        return const(K * (ov * 0.3 + hw.sched_overhead_s + proj + 2 * b * t * h * es * dev_copy))
+
+    def slots_for(prefill: bool, ctx: float, count: float, tag: str) -> list[Slot]:
+        dc, dchain, dh2d, drd, dwr = dec_compute(prefill, ctx)
+        out = []
+        # (name, slots, compute, layer loaded meanwhile)
+        plan = [("emb", 1, emb_compute(prefill), Lin(), Lin(), Lin(), Lin(), "dec"),
+                ("dec", L - 1, dc, dchain, dh2d, drd, dwr, "dec"),
+                ("dec_last", 1, dc, dchain, dh2d, drd, dwr, "head"),
+                ("head", 1, head_compute(prefill), Lin(), Lin(), Lin(), Lin(), "emb")]
+        for name, cnt, comp, chain, ch2d, crd, cwr, nxt in plan:
+            if cnt <= 0:
+                continue
+            wchain, wh2d, wrd, wcores = wch[nxt]
+            res = {"compute": comp + wcores, "weights": wchain}
+            if chain:
+                res["cache"] = chain
+            link_h2d = wh2d + ch2d
+            if link_h2d:
+                res["host->compute"] = link_h2d * h2d
+            disk = (wrd + crd) * rd + cwr * wr
+            if disk:
+                res["disk"] = disk
+            out.append(Slot(f"{tag}:{name}", cnt * count, res))
+        return out
+
+    prefill_slots = slots_for(True, float(s), 1.0, "prefill")
+    decode_slots: list[Slot] = []
+    for steps, ctx in decode_segments(s, n):
+        decode_slots += slots_for(False, ctx, steps, f"decode@{ctx:.0f}")
+    serial = wch["emb"][0]  # the first layer of the block is loaded before anything can run
+
+    # ---- bytes per block over each link (reporting) ------------------------------------------
+    steps = max(n, 1)
+    w_h2d = sum((wch[k][1] * c for k, c in (("emb", 1), ("dec", L), ("head", 1))), Lin()) * steps
+    w_rd = var("wd", W_st * steps)
+    tot_dec = sum(cnt * (ctx - 0) for cnt, ctx in decode_segments(s, n))
+    cache_rd_per_pos = 2 * b * h * es * stored_ratio * L * K
+    links = {
+        "weights host->compute": w_h2d,
+        "weights disk read": w_rd,
+        "cache host->compute": (var("cc", 1) + var("cd", 1)) * (0 if ccc else cache_rd_per_pos * tot_dec),
+        "cache disk read": var("cd", cache_rd_per_pos * tot_dec),
+        "cache disk write": var("cd", cache_rd_per_pos * (s + max(n - 1, 0))),
+    }
+    return BlockModel(gbs, ngb, ccc, compress_weight, compress_cache, prefill_slots, decode_slots,
+                      serial, mem, links, nblocks, indicators)
+
+
+def policy_variables(spec: ModelSpec, policy: Policy, model: BlockModel | None = None) -> dict[str, float]:
+    """Variable values of a concrete policy, with the cache split the engine realises (whole blocks)."""
+    from ..engine.placement import act_tier
+    wg, wc, wd = policy.fractions("w")
+    g, c, _ = policy.fractions("cache")
+    nb = spec.num_layers * policy.num_gpu_batches  # same rounding as placement.cache_block_tiers
+    n_gpu = int(round(g * nb))
+    n_cpu = int(round((g + c) * nb)) - n_gpu
+    cg, cc, cd = n_gpu / nb, n_cpu / nb, (nb - n_gpu - n_cpu) / nb
+    streamed = 1.0 if policy.w_gpu_percent < 100 else 0.0
+    hg = 1.0 if act_tier(policy) == "gpu" else 0.0
+    x = {"wg": wg, "wc": wc, "wd": wd, "cg": cg, "cc": cc, "cd": cd, "hg": hg, "hc": 1.0 - hg,
+         "s": streamed, "y": wg * streamed, "zw": 0.0, "ug": 0.0, "uc": 0.0}
+    for ind, fracs in (model.indicators if model else {"zw": ("wd",)}).items():
+        x[ind] = 1.0 if any(x[f] > 0 for f in fracs) else 0.0
+    return x
+
+
+def model_for_policy(spec: ModelSpec, policy: Policy, hw: HardwareProfile, prompt_len: int, gen_len: int,
+                     dtype_bytes: int) -> BlockModel:
+    return build_block_model(spec, hw, policy.gpu_batch_size, policy.num_gpu_batches, prompt_len, gen_len,
+                             dtype_bytes, policy.cpu_cache_compute, policy.compress_weight,
+                             policy.compress_cache, policy.comp_weight_config, policy.comp_cache_config)
+
+
+def estimate(spec: ModelSpec, policy: Policy, hw: HardwareProfile, prompt_len: int, gen_len: int,
+             dtype_bytes: int, model: BlockModel | None = None, exact_memory: bool = True) -> Estimate:
+    """Predicted times of one full block of `policy` and its peak memory per tier (the engine's
+    memory_plan, or with exact_memory=False the faster linear mirror used inside the search)."""
+    from ..engine.placement import memory_plan
+    model = model or model_for_policy(spec, policy, hw, prompt_len, gen_len, dtype_bytes)
+    x = policy_variables(spec, policy, model)
+    pre, dec = model.time(x)
+    if exact_memory:
+        mem = memory_plan(spec, policy, prompt_len, gen_len, dtype_bytes, device_is_cuda=hw.device == "cuda")
+    else:
+        mem = {t: int(math.ceil(e.value(x))) for t, e in model.memory.items()}
+    links = {k: v.value(x) for k, v in model.link_bytes.items()}
+    return Estimate(policy, prompt_len, gen_len, pre, dec, mem, links, model.bottlenecks(x))

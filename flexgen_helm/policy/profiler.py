@@ -1,0 +1,579 @@
+"""Hardware profile: the measured rates the cost model turns bytes and FLOPs into seconds.
+
+`measure_profile` times, on this machine, the operations the engine's schedule is made of:
+host<->compute copies, disk reads and writes that bypass the page cache, layer-shaped matmuls at
+decode and prefill row counts, attention at prefill and decode shapes on the compute device and on
+the host, dequantization, and the fixed per-layer-call cost (kernel dispatch). It reuses the
+engine's own kernels and disk file class, so what is timed is what the engine runs.
+
+Profiles are JSON (`HardwareProfile.to_json` / `from_json`); `load_or_measure` caches the measured
+one per (device, dtype) so later runs reuse it. `profiles/t4-gcp.json` holds FlexGen's published
+T4 constants, to reproduce the paper's setting on paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine.config import ConfigError
+
+PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+SCHEMA = 2
+
+
+@dataclass
+class HardwareProfile:
+    """Rates in bytes/s, FLOP/s and seconds. "compute" is the tier the engine calls "gpu"."""
+
+    name: str
+    device: str  # "cpu" or "cuda": where the compute tier lives
+    dtype: str  # compute dtype the compute-side rates were measured in
+    h2d_bw: float  # host tier -> compute tier (pinned on CUDA; a memcpy when compute is the CPU)
+    d2h_bw: float  # compute tier -> host tier
+    disk_read_bw: float  # disk -> host, O_DIRECT (no page cache)
+    disk_write_bw: float  # host -> disk, including the fsync that makes it durable
+    dev_copy_bw: float  # a copy inside the compute tier (weight staging of compute-resident bytes)
+    disk_read_serial_bw: float | None = None  # one request at a time (cache prefix reads); None: = read
+    disk_sync_s: float = 0.0  # extra cost of reading a disk KV block right after appending a row to it
+    # Matmul throughput of layer-shaped products, as (rows, FLOP/s) points; rows = tokens in the
+    # product (gpu_batch_size when decoding, gpu_batch_size * prompt_len in prefill). Interpolated
+    # log-log. Profiles without a curve (FlexGen's fitted T4 constants) give one rate per phase.
+    mm_curve: list[tuple[int, float]] = field(default_factory=list)
+    mm_flops_prefill: float | None = None
+    mm_flops_decode: float | None = None
+    # Whole decoder layers (the engine's own layer function: matmuls, norms, bias, residuals, op
+    # dispatch) per model width: {hidden: [(rows, FLOP/s counted as 2*rows*(4h^2 + 2h*ffn))]}; and the
+    # LM head with greedy sampling per embedding width (FLOPs 2*rows*vocab*E). Used when present.
+    layer_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    head_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    attn_prefill_flops: float = 1e12  # prompt attention on the compute device, on 2*b*s*s*h FLOPs
+    attn_prefill_overhead_s: float = 0.0  # fixed cost per prompt-attention call
+    attn_decode_bw: float = 1e11  # K+V bytes attended per second, compute device
+    attn_decode_overhead_s: float = 0.0  # fixed cost per decode-attention call
+    host_attn_decode_bw: float = 1e10  # the same on the host (CPU delegation of decode attention)
+    dequant_bw: float = 1e10  # dequantized output bytes per second on the compute device
+    quant_bw: float = 1e9  # input bytes quantized per second on the compute device (new KV entries)
+    layer_overhead_s: float = 0.0  # fixed cost of one layer call on one micro-batch (op dispatch)
+    # Measured on the engine itself with a tiny model: its schedule's fixed cost per (layer,
+    # micro-batch) beyond the layer function (futures, views, cache bookkeeping), and the extra
+    # fixed cost of each KV block on disk per decode step (append, wait, read request, re-layout).
+    sched_overhead_s: float = 0.0
+    disk_block_s: float = 0.0
+    copy_overlaps_compute: bool = True  # DMA engines (CUDA); False: copies run on the compute cores
+    disk_direct: bool = True  # False when O_DIRECT was refused (tmpfs) and fadvise was the fallback
+    source: str = "measured"
+    meta: dict = field(default_factory=dict)
+
+    # ---- rates ------------------------------------------------------------------------------
+    def mm_rate(self, rows: int, prefill: bool) -> float:
+        """FLOP/s of a layer-shaped matmul on `rows` tokens."""
+        if not self.mm_curve:
+            rate = self.mm_flops_prefill if prefill else self.mm_flops_decode
+            if rate is None:
+                raise ConfigError(f"profile {self.name} has neither mm_curve nor mm_flops_*")
+            return rate
+        return _interp_rows(self.mm_curve, rows)
+
+    def layer_rate(self, rows: int, hidden: int, prefill: bool) -> float | None:
+        """FLOP/s of a whole decoder layer (None: no layer curves, use mm_rate + overheads)."""
+        return _interp_2d(self.layer_curves, rows, hidden)
+
+    def head_rate(self, rows: int, embed_dim: int) -> float | None:
+        return _interp_2d(self.head_curves, rows, embed_dim)
+
+    # ---- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mm_curve"] = [[int(r), float(f)] for r, f in self.mm_curve]
+        for k in ("layer_curves", "head_curves"):
+            d[k] = {str(w): [[int(r), float(f)] for r, f in c] for w, c in getattr(self, k).items()}
+        d["schema"] = SCHEMA
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HardwareProfile":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in d]
+        if missing:
+            raise ConfigError(f"hardware profile lacks {', '.join(missing)}; re-run `flexgen-helm profile`")
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["mm_curve"] = [(int(r), float(f)) for r, f in kw.get("mm_curve", [])]
+        for k in ("layer_curves", "head_curves"):
+            kw[k] = {int(w): [(int(r), float(f)) for r, f in c] for w, c in kw.get(k, {}).items()}
+        return cls(**kw)
+
+    def to_json(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)  # never leave a half-written cache behind
+
+    @classmethod
+    def from_json(cls, path: str) -> "HardwareProfile":
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read hardware profile {path}: {e}") from e
+
+
+def _interp_rows(curve: list[tuple[int, float]], rows: float) -> float:
+    """Log-log interpolation of (rows, rate) points; proportional below the first point (a fixed
+    cost per call dominates there), flat beyond the last."""
+    pts = sorted(curve)
+    if rows <= pts[0][0]:
+        return pts[0][1] * rows / pts[0][0]
+    if rows >= pts[-1][0]:
+        return pts[-1][1]
+    for (r0, f0), (r1, f1) in zip(pts, pts[1:]):
+        if r0 <= rows <= r1:
+            t = math.log(rows / r0) / math.log(r1 / r0)
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
+    return pts[-1][1]
+
+
+def _interp_2d(curves: dict[int, list[tuple[int, float]]], rows: float, width: int) -> float | None:
+    """Rate at (rows, width): each width's curve at `rows`, then log-linear in width (flat outside)."""
+    if not curves:
+        return None
+    ws = sorted(curves)
+    if width <= ws[0]:
+        return _interp_rows(curves[ws[0]], rows)
+    if width >= ws[-1]:
+        return _interp_rows(curves[ws[-1]], rows)
+    for w0, w1 in zip(ws, ws[1:]):
+        if w0 <= width <= w1:
+            f0, f1 = _interp_rows(curves[w0], rows), _interp_rows(curves[w1], rows)
+            t = math.log(width / w0) / math.log(w1 / w0)
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
+    return None
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A JSON path, or the name of a shipped profile ("t4-gcp")."""
+    if os.path.exists(name_or_path):
+        return HardwareProfile.from_json(name_or_path)
+    shipped = os.path.join(PROFILES_DIR, f"{name_or_path}.json")
+    if os.path.exists(shipped):
+        return HardwareProfile.from_json(shipped)
+    names = sorted(f[:-5] for f in os.listdir(PROFILES_DIR) if f.endswith(".json"))
+    raise ConfigError(f"no hardware profile {name_or_path!r}: pass a JSON file from `flexgen-helm profile` "
+                      f"or one of the shipped profiles: {', '.join(names)}")
+
+
+def cache_path(device: str, dtype: str) -> str:
+    root = os.environ.get("FLEXGEN_HELM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flexgen_helm")
+    import torch  # the thread count changes CPU rates a lot (and how other processes disturb them)
+    return os.path.join(root, f"profile-{platform.node()}-{device.split(':')[0]}-{dtype}"
+                              f"-t{torch.get_num_threads()}.json")
+
+
+def load_or_measure(device: str = "cpu", dtype: str | None = None, offload_dir: str | None = None,
+                    refresh: bool = False, log: Callable[[str], None] | None = None) -> HardwareProfile:
+    """The cached profile for this machine, device and dtype, measuring (and caching) it if absent."""
+    dtype = dtype or ("float16" if device.startswith("cuda") else "bfloat16")
+    path = cache_path(device, dtype)
+    if not refresh and os.path.exists(path):
+        try:
+            return HardwareProfile.from_json(path)
+        except ConfigError:
+            pass  # stale or broken cache: measure again
+    prof = measure_profile(device=device, dtype=dtype, offload_dir=offload_dir, log=log)
+    prof.to_json(path)
+    return prof
+
+
+# ---- measurement ------------------------------------------------------------------------------
+
+def _timeit(fn: Callable[[], object], sync: Callable[[], None], min_time: float, min_reps: int = 2,
+            max_reps: int = 1000) -> float:
+    """Median-of-batches seconds per call of fn, after one warm-up call."""
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: str | None = None,
+                    budget_s: float = 20.0, disk_mb: int = 256, hidden: int = 2048,
+                    widths: tuple[int, ...] | None = None, quick: bool = False,
+                    log: Callable[[str], None] | None = None) -> HardwareProfile:
+    """Measure this machine. `budget_s` scales the time spent per probe (the default takes ~40 s on
+    two CPU cores); `disk_mb` is the file size for the disk probe, `hidden` the width of the plain
+    matmul probe, `widths` the model widths of the decoder-layer and LM-head probes (weights are
+    cycled over copies larger than typical caches so that reads are real). `quick`: small buffers
+    and no cache-busting copies (tests)."""
+    import torch
+
+    from ..engine import compression, layers
+    from ..engine.config import CompressionConfig
+
+    log = log or (lambda s: None)
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for but no CUDA device is available; use --device cpu")
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    per = budget_s / 20  # seconds per elementary probe
+    esize = torch.empty(0, dtype=tdtype).element_size()
+    meta: dict = {"torch": torch.__version__, "host": platform.node(), "threads": torch.get_num_threads(),
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), "hidden_probe": hidden, "disk_mb": disk_mb}
+    if on_cuda:
+        meta["gpu"] = torch.cuda.get_device_name(dev)
+
+    h2d, d2h, dcopy, rd, rd1, wr, sync_s, direct = measure_io(dev, offload_dir, disk_mb, per, log,
+                                                              copy_mb=8 if quick else 256)
+
+    # -- matmuls shaped like an OPT MLP (h -> 4h -> h); 3 weight pairs cycled so that at hidden=2048
+    # (48 MB bf16 per pair) decode-size products read weights from memory, not from cache.
+    h = hidden
+    pairs = [(torch.randn(4 * h, h, device=dev).to(tdtype), torch.randn(h, 4 * h, device=dev).to(tdtype))
+             for _ in range(3)]
+    curve: list[tuple[int, float]] = []
+    for rows in (1, 4, 16, 64, 256, 1024, 4096):
+        x = torch.randn(rows, h, device=dev).to(tdtype)
+        it = [0]
+
+        def mlp() -> None:
+            w1, w2 = pairs[it[0] % len(pairs)]
+            it[0] += 1
+            (x @ w1.t()) @ w2.t()
+        t = _timeit(mlp, sync, per / 2)
+        curve.append((rows, 2 * rows * 8 * h * h / t))
+    del pairs
+    log("matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in curve) + " GFLOP/s (rows:rate)")
+
+    # -- whole decoder layers and LM heads, with the engine's functions, at a few widths
+    widths = widths or ((1024, 4096, 8192) if on_cuda else (768, 2048, 4096))
+    layer_curves = {w: _layer_curve(dev, tdtype, sync, per / 4, w, on_cuda) for w in widths}
+    for w, c in layer_curves.items():
+        log(f"decoder layer h={w}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    head_curves = {e: _head_curve(dev, tdtype, sync, per / 4, e) for e in widths[:2]}
+    for e, c in head_curves.items():
+        log(f"LM head E={e}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+
+    # -- attention with the engine's kernels, fitted as fixed cost + size / rate from two sizes
+    heads, d = 16, 64
+    h_att = heads * d
+
+    def prefill_probe(b: int, s: int) -> tuple[float, float]:
+        q = torch.randn(b, heads, s, d, device=dev).to(tdtype)
+        mask = torch.ones(b, s, dtype=torch.bool, device=dev)
+        return 2 * b * s * s * h_att, _timeit(lambda: layers.prefill_attention(q, q, q, mask), sync, per / 2)
+    attn_pre, attn_pre_ov = _fit(prefill_probe(1, 64), prefill_probe(4, 512))
+
+    def decode_probe(rows: int, ctx: int, where) -> tuple[float, float]:
+        # capacity > ctx like the cache; as many blocks as it takes to overflow the last-level cache,
+        # since a decode step walks every layer's blocks once (they are cold when attended)
+        one = torch.randn(2, rows, heads, ctx + 16, d, device=where).to(tdtype)
+        copies = 1 if quick else min(64, _cold_copies(one.numel() * esize))
+        bufs = [one] + [one.clone() for _ in range(copies - 1)]
+        q1 = torch.randn(rows, heads, 1, d, device=where).to(tdtype)
+        m1 = torch.ones(rows, ctx, dtype=torch.bool, device=where)
+        it = [0]
+
+        def call() -> None:
+            b = bufs[it[0] % len(bufs)]
+            it[0] += 1
+            layers.decode_attention(q1, b[0, :, :, :ctx], b[1, :, :, :ctx], m1)
+        sy = sync if where == dev else (lambda: None)
+        return 2 * rows * heads * ctx * d * esize, _timeit(call, sy, per / 2)
+    attn_dec, attn_dec_ov = _fit(decode_probe(4, 128, dev), decode_probe(16, 1024, dev))
+    if on_cuda:
+        host_dec, _ = _fit(decode_probe(4, 128, torch.device("cpu")), decode_probe(16, 1024, torch.device("cpu")))
+    else:
+        host_dec = attn_dec
+    log(f"attention prefill {attn_pre / 1e9:.0f} GFLOP/s + {attn_pre_ov * 1e6:.0f} us/call, decode "
+        f"{attn_dec / 1e9:.1f} GB/s + {attn_dec_ov * 1e6:.0f} us/call (host {host_dec / 1e9:.1f} GB/s)")
+
+    # -- 4-bit g64 (de)quantization: weights at load, KV entries at decode
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    w = torch.randn(4 * h, h, device=dev).to(tdtype)
+    packed, meta_t = compression.quantize(w, cfg)
+    deq = w.numel() * esize / _timeit(lambda: compression.dequantize(packed, meta_t, w.shape, cfg, tdtype),
+                                      sync, per / 2)
+    kv_new = torch.randn(64, heads, 1, d, device=dev).to(tdtype)
+    kcfg = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
+    qnt = kv_new.numel() * esize / _timeit(lambda: compression.quantize(kv_new, kcfg), sync, per / 2)
+    del w, packed, meta_t
+    log(f"dequantize {deq / 1e9:.2f} GB/s out, quantize {qnt / 1e9:.3f} GB/s in")
+
+    # -- fixed cost per layer call: a decoder layer of width 64 on one token is all dispatch
+    overhead = _layer_overhead(dev, tdtype, sync, per / 2)
+    sched, disk_block = _engine_overheads(dev, tdtype, offload_dir, overhead, quick)
+    log(f"layer-call overhead {overhead * 1e6:.0f} us; engine schedule +{sched * 1e6:.0f} us per layer and "
+        f"micro-batch, +{disk_block * 1e6:.0f} us per disk KV block and step")
+
+    return HardwareProfile(
+        name=f"{platform.node()}-{dev.type}", device=dev.type, dtype=dtype, h2d_bw=h2d, d2h_bw=d2h,
+        disk_read_bw=rd, disk_write_bw=wr, dev_copy_bw=dcopy, disk_read_serial_bw=rd1, disk_sync_s=sync_s,
+        mm_curve=curve,
+        layer_curves=layer_curves, head_curves=head_curves, attn_prefill_flops=attn_pre,
+        attn_prefill_overhead_s=attn_pre_ov, attn_decode_bw=attn_dec, attn_decode_overhead_s=attn_dec_ov,
+        host_attn_decode_bw=host_dec, dequant_bw=deq, quant_bw=qnt,
+        layer_overhead_s=overhead, sched_overhead_s=sched, disk_block_s=disk_block, disk_direct=direct,
+        # CUDA copies run on DMA engines; on a CPU compute device the I/O threads' copies overlap
+        # compute only when torch leaves a core free for them
+        copy_overlaps_compute=on_cuda or torch.get_num_threads() < (os.cpu_count() or 1),
+        source="measured", meta=meta)
+
+
+def measure_io(dev, offload_dir: str | None, disk_mb: int, per: float, log: Callable[[str], None],
+               copy_mb: int = 256):
+    """(host->compute, compute->host, within-compute copy, disk read, disk read one request at a
+    time, disk write) in bytes/s, the append-then-read cost in seconds, and whether O_DIRECT was
+    used."""
+    import torch
+    on_cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    # 256 MB so that host-side copies are not served from a large last-level cache; pinned host
+    # memory on CUDA (what the engine stages through)
+    n = copy_mb << 20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=on_cuda)
+    comp = torch.empty(n, dtype=torch.uint8, device=dev)
+    h2d = n / _timeit(lambda: comp.copy_(host, non_blocking=True), sync, per)
+    d2h = n / _timeit(lambda: host.copy_(comp, non_blocking=True), sync, per)
+    if on_cuda:
+        comp2 = torch.empty_like(comp)
+        dcopy = n / _timeit(lambda: comp2.copy_(comp), sync, per)
+        del comp2
+    else:  # the compute tier is host memory: every copy is a memcpy
+        dcopy = h2d = d2h = (h2d + d2h) / 2
+    del host, comp
+    log(f"copy host->compute {h2d / 1e9:.2f} GB/s, compute->host {d2h / 1e9:.2f} GB/s, "
+        f"within compute {dcopy / 1e9:.2f} GB/s")
+    rd, rd1, wr, sync_s, direct = _measure_disk(offload_dir, disk_mb << 20, per)
+    log(f"disk read {rd / 1e9:.2f} GB/s ({rd1 / 1e9:.2f} one request at a time), write {wr / 1e9:.2f} GB/s, "
+        f"append-then-read +{sync_s * 1e3:.2f} ms ({'O_DIRECT' if direct else 'fadvise'})")
+    return h2d, d2h, dcopy, rd, rd1, wr, sync_s, direct
+
+
+def refresh_io(hw: HardwareProfile, offload_dir: str | None = None, seconds: float = 4.0,
+               log: Callable[[str], None] | None = None) -> HardwareProfile:
+    """The profile with its copy and disk rates measured again now (a few seconds): on shared
+    machines I/O rates drift with what the neighbours do, compute rates much less."""
+    import torch
+    dev = torch.device("cuda" if hw.device == "cuda" else "cpu")
+    h2d, d2h, dcopy, rd, rd1, wr, sync_s, direct = measure_io(dev, offload_dir, 256, seconds / 6,
+                                                              log or (lambda s: None))
+    return dataclasses.replace(hw, h2d_bw=h2d, d2h_bw=d2h, dev_copy_bw=dcopy, disk_read_bw=rd,
+                               disk_read_serial_bw=rd1, disk_write_bw=wr, disk_sync_s=sync_s,
+                               disk_direct=direct)
+
+
+def _llc_bytes() -> int:
+    """Last-level CPU cache size (Linux sysfs), 32 MB when unknown."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        return int(text.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def _cold_copies(nbytes: int) -> int:
+    """How many distinct buffers of nbytes to cycle so each use finds its buffer out of the
+    last-level cache (twice its size in total), capped at 1 GB."""
+    return max(1, min(2 * _llc_bytes(), 1 << 30) // max(1, nbytes) + 1)
+
+
+def _fit(small: tuple[float, float], large: tuple[float, float]) -> tuple[float, float]:
+    """(rate, fixed seconds per call) through two (work, seconds) points."""
+    (w0, t0), (w1, t1) = small, large
+    if t1 <= t0:  # noise: no measurable fixed part
+        return w1 / t1, 0.0
+    rate = (w1 - w0) / (t1 - t0)
+    return rate, max(0.0, t0 - w0 / rate)
+
+
+def _opt_layer_weights(h: int, dev, tdtype) -> dict:
+    import torch
+    f = 4 * h
+    w = {"self_attn_layer_norm.weight": torch.ones(h), "self_attn_layer_norm.bias": torch.zeros(h),
+         "final_layer_norm.weight": torch.ones(h), "final_layer_norm.bias": torch.zeros(h),
+         "fc1.weight": torch.randn(f, h) * 0.02, "fc1.bias": torch.zeros(f),
+         "fc2.weight": torch.randn(h, f) * 0.02, "fc2.bias": torch.zeros(h)}
+    for p in ("q", "k", "v", "out"):
+        w[f"self_attn.{p}_proj.weight"] = torch.randn(h, h) * 0.02
+        w[f"self_attn.{p}_proj.bias"] = torch.zeros(h)
+    return {k: v.to(device=dev, dtype=tdtype) for k, v in w.items()}
+
+
+def _layer_curve(dev, tdtype, sync, per: float, h: int, on_cuda: bool) -> list[tuple[int, float]]:
+    """FLOP/s of layers.decoder_layer on `rows` one-token sequences (attention over 16 cached
+    positions, so this is the layer without its context-dependent attention)."""
+    import torch
+
+    from ..engine import layers
+    from ..engine.model_spec import ModelSpec
+
+    spec = ModelSpec("probe", 1, h, h // 64, 4 * h, 512)
+    layer_bytes = 12 * h * h * torch.empty(0, dtype=tdtype).element_size()
+    # a few distinct copies cycled (on a 2-core Xeon with a 300 MB L3, small-row bf16 layers ran at
+    # the same speed with weights hot or cold: the kernels, not memory, bound them)
+    copies = min(4, _cold_copies(layer_bytes)) if not on_cuda else 1
+    base = _opt_layer_weights(h, dev, tdtype)
+    ws = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
+    flops_per_row = 2 * (4 * h * h + 2 * h * 4 * h)
+    out: list[tuple[int, float]] = []
+    rate = None
+    for rows in (1, 4, 16, 64, 256, 1024, 4096):
+        if rate is not None and rows * flops_per_row / rate > 0.5:
+            break  # the curve is flat by now and this size would take long; extrapolated flat
+        x = torch.randn(rows, 1, h, device=dev).to(tdtype)
+        kv = torch.randn(rows, spec.num_heads, 16, 64, device=dev).to(tdtype)
+        mask = torch.ones(rows, 16, dtype=torch.bool, device=dev)
+        attend = lambda q, k, v: layers.decode_attention(q, kv, kv, mask)  # noqa: E731
+        it = [0]
+
+        def call() -> None:
+            layers.decoder_layer(ws[it[0] % copies], spec, x, attend)
+            it[0] += 1
+        t = _timeit(call, sync, per)
+        rate = rows * flops_per_row / t
+        out.append((rows, rate))
+    del ws
+    return out
+
+
+def _head_curve(dev, tdtype, sync, per: float, e: int, vocab: int = 50272) -> list[tuple[int, float]]:
+    """FLOP/s of layers.lm_head on the last position plus greedy sampling (log_softmax, argmax)."""
+    import torch
+
+    from ..engine import layers
+    from ..engine.model_spec import ModelSpec
+    from ..engine.sampling import SamplingParams, next_tokens
+
+    spec = ModelSpec("probe", 1, e, e // 64, 4 * e, vocab)
+    w = {"final_layer_norm.weight": torch.ones(e, device=dev).to(tdtype),
+         "final_layer_norm.bias": torch.zeros(e, device=dev).to(tdtype),
+         "lm_head.weight": (torch.randn(vocab, e, device=dev) * 0.02).to(tdtype)}
+    params = SamplingParams()
+    out: list[tuple[int, float]] = []
+    for rows in (1, 4, 16, 64, 256):
+        x = torch.randn(rows, 1, e, device=dev).to(tdtype)
+        t = _timeit(lambda: next_tokens(layers.lm_head(w, spec, x)[:, 0], params, None), sync, per)
+        out.append((rows, 2 * rows * vocab * e / t))
+    return out
+
+
+def _engine_overheads(dev, tdtype, offload_dir: str | None, layer_call_s: float,
+                      quick: bool = False) -> tuple[float, float]:
+    """(schedule overhead per layer and micro-batch, extra cost per disk KV block and decode step),
+    from decode steps of the engine on a tiny 8-layer model where the math is negligible."""
+    import torch
+
+    from ..engine.config import MemoryBudget, Policy
+    from ..engine.engine import Engine
+    from ..engine.model_spec import ModelSpec
+    from ..engine.weights import DummyReader
+
+    spec = ModelSpec("probe", 8, 64, 4, 256, 512, max_positions=128)
+    L, K, steps, runs = spec.num_layers, 4, (4 if quick else 16), (1 if quick else 3)
+    root = tempfile.mkdtemp(prefix="flexgen-profile-", dir=offload_dir)
+
+    def per_layer_mb(percent: list[float], ccc: bool) -> float:
+        pol = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=K, cpu_cache_compute=ccc)
+        eng = Engine(spec, pol, DummyReader(spec), dev, tdtype, root, MemoryBudget(), "probe")
+        try:
+            prompts = [[2, 5, 6, 7]] * (2 * K)
+            eng.generate(prompts, max_new_tokens=3)
+            best = min(eng.generate(prompts, max_new_tokens=steps + 1).stats.decode_time for _ in range(runs))
+        finally:
+            eng.close()
+        return best / steps / ((L + 2) * K)
+    try:
+        resident = per_layer_mb([100, 0, 100, 0, 100, 0], False)
+        host = per_layer_mb([100, 0, 0, 100, 100, 0], True)
+        disk = per_layer_mb([100, 0, 0, 0, 100, 0], True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return max(0.0, resident - layer_call_s), max(0.0, (disk - host) * (L + 2) / L)
+
+
+def _layer_overhead(dev, tdtype, sync, per: float) -> float:
+    import torch
+
+    from ..engine import layers
+    from ..engine.model_spec import ModelSpec
+
+    spec = ModelSpec("probe", 1, 64, 4, 256, 512)
+    w = {}
+    for name, shape in (("self_attn_layer_norm.weight", (64,)), ("self_attn_layer_norm.bias", (64,)),
+                        ("final_layer_norm.weight", (64,)), ("final_layer_norm.bias", (64,)),
+                        ("fc1.weight", (256, 64)), ("fc1.bias", (256,)), ("fc2.weight", (64, 256)),
+                        ("fc2.bias", (64,))):
+        w[name] = torch.randn(shape, device=dev).to(tdtype)
+    for p in "qkv":
+        w[f"self_attn.{p}_proj.weight"] = torch.randn(64, 64, device=dev).to(tdtype)
+        w[f"self_attn.{p}_proj.bias"] = torch.zeros(64, device=dev).to(tdtype)
+    w["self_attn.out_proj.weight"] = torch.randn(64, 64, device=dev).to(tdtype)
+    w["self_attn.out_proj.bias"] = torch.zeros(64, device=dev).to(tdtype)
+    x = torch.randn(1, 1, 64, device=dev).to(tdtype)
+    kv = torch.randn(1, 4, 16, 16, device=dev).to(tdtype)
+    mask = torch.ones(1, 16, dtype=torch.bool, device=dev)
+    attend = lambda q, k, v: layers.decode_attention(q, kv, kv, mask)  # noqa: E731
+    return _timeit(lambda: layers.decoder_layer(w, spec, x, attend), sync, per, min_reps=20)
+
+
+def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> tuple[float, float, float, float, bool]:
+    """(parallel read B/s, one-request-at-a-time read B/s, write B/s, append-then-read extra
+    seconds, O_DIRECT used), timed through the engine's disk file class (weights are read with
+    parallel requests, cache prefixes without)."""
+    import torch
+
+    from ..engine.tiers import Tiers, aligned_host_buffer
+
+    own = offload_dir is None
+    root = tempfile.mkdtemp(prefix="flexgen-profile-", dir=None if own else offload_dir)
+    tiers = Tiers(torch.device("cpu"), root, None, None, None, pin_memory=False)
+    try:
+        f = tiers.disk_file("probe.bin", nbytes, "disk probe")
+        buf = aligned_host_buffer(nbytes)
+        buf.random_(0, 255)
+
+        def write() -> None:
+            f.write(0, buf[:nbytes])
+            f.flush()  # fsync + drop from the page cache: the read below must hit the disk
+        wr = nbytes / _timeit(write, lambda: None, per)
+        rd = nbytes / _timeit(lambda: f.read_into(0, buf[:nbytes]), lambda: None, per)
+        rd1 = nbytes / _timeit(lambda: f.read_into(0, buf[:nbytes], parallel=False), lambda: None, per)
+        # A KV block on disk appends a row (buffered write) and then reads its prefix with O_DIRECT,
+        # which makes the kernel write the dirty page back first: a fixed cost per block and step.
+        pre, row = 1 << 20, 16 << 10
+        read_s = _timeit(lambda: f.read_into(0, buf[:pre], parallel=False), lambda: None, per / 2)
+
+        def append_then_read() -> None:  # the row lands inside the prefix read next, as in decode
+            f.write(pre - row, buf[pre:pre + row])
+            f.read_into(0, buf[:pre], parallel=False)
+        sync_s = max(0.0, _timeit(append_then_read, lambda: None, per / 2) - read_s)
+        return rd, rd1, wr, sync_s, f.direct
+    finally:
+        tiers.close()
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass

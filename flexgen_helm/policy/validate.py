@@ -1,0 +1,248 @@
+"""Check the policy search against the engine on this machine:
+`python -m flexgen_helm.policy.validate [--json out.json] [--profile hw.json] [--threads 1]`.
+
+For each workload (model, prompt/gen length, number of prompts, memory budgets that force host and
+disk placement) it searches a policy with this machine's measured profile, then runs the engine
+with that policy and with 5 other feasible policies, and reports predicted vs measured generation
+throughput (generated tokens / (prefill + decode) over the whole workload) and peak memory per tier.
+
+The alternatives are the search's own runners-up with a different batch shape or placement,
+spread over its ranking, skipping those predicted within 10% of the chosen one (a tie the model
+cannot resolve), plus a hand policy ("everything in host memory").
+
+Noise: this is usually run on small shared machines. Torch is pinned to `--threads` (default 1:
+with two cores and another busy process, every multi-threaded op waits a scheduler slice at its
+barrier, which makes both the profile and the runs meaningless), each measured figure is the best
+of `--repeat` runs, and the load average is recorded next to each run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
+from ..engine.model_spec import load_spec
+from .cost_model import estimate
+from .profiler import HardwareProfile, measure_profile, refresh_io
+from .search import Candidate, search, workload_time
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    prompt_len: int
+    gen_len: int
+    num_prompts: int
+    gpu: str
+    cpu: str
+    disk: str
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return MemoryBudget(parse_bytes(self.gpu), parse_bytes(self.cpu), parse_bytes(self.disk))
+
+
+# Small enough for a few minutes on two cores; the budgets push weights and/or cache to host and disk.
+# (The compute tier must hold two staging copies of the largest layer, the embedding: 160 MB for
+# 125m, 110 MB for 350m, 430 MB for 1.3b.)
+WORKLOADS = [
+    Workload("125m host", "dummy:opt-125m", 128, 16, 32, "200MB", "2GB", "0"),
+    Workload("125m disk", "dummy:opt-125m", 64, 16, 32, "200MB", "100MB", "2GB"),
+    Workload("350m host", "dummy:opt-350m", 128, 16, 24, "250MB", "2GB", "0"),
+    Workload("350m cache", "dummy:opt-350m", 256, 8, 32, "300MB", "700MB", "4GB"),
+    Workload("1.3b disk", "dummy:opt-1.3b", 32, 8, 8, "600MB", "1.5GB", "8GB"),
+]
+
+
+def _fits(mem: dict[str, int], budget: MemoryBudget) -> bool:
+    return all(getattr(budget, t) is None or mem[t] <= getattr(budget, t) for t in ("gpu", "cpu", "disk"))
+
+
+def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: HardwareProfile, w: Workload,
+                      n: int = 5, tie: float = 1.10) -> list[Candidate]:
+    """n feasible policies other than the chosen one, spread over the search's ranking."""
+    def key(p: Policy) -> tuple:
+        return (p.gpu_batch_size, p.num_gpu_batches, p.cpu_cache_compute, round(p.w_gpu_percent / 10),
+                round(p.w_cpu_percent / 10), round(p.cache_gpu_percent / 10), round(p.cache_cpu_percent / 10))
+
+    seen = {key(chosen.estimate.policy)}
+    pool = []
+    for c in sorted(cands, key=lambda c: c.per_token_s):
+        k = key(c.estimate.policy)
+        if k in seen or c.per_token_s < chosen.per_token_s * tie:
+            continue
+        # candidates were screened with the LP's linear memory mirror: confirm with the engine's plan
+        exact = estimate(spec, c.estimate.policy, hw, w.prompt_len, w.gen_len, 2)
+        if not _fits(exact.memory, w.budget):
+            continue
+        seen.add(k)
+        pool.append(Candidate(exact, c.total_s, c.per_token_s))
+    # a hand policy: the chosen batch shape, weights and cache in host memory, attention on the host
+    p0 = chosen.estimate.policy
+    hand = replace(p0, w_gpu_percent=0.0, w_cpu_percent=100.0, cache_gpu_percent=0.0, cache_cpu_percent=100.0,
+                   cpu_cache_compute=True)
+    picks: list[Candidate] = []
+    e = estimate(spec, hand, hw, w.prompt_len, w.gen_len, 2)
+    if _fits(e.memory, w.budget) and key(hand) not in seen and \
+            workload_time(e, spec, hw, w.num_prompts, 2) >= chosen.total_s * tie:
+        t = workload_time(e, spec, hw, w.num_prompts, 2)
+        picks.append(Candidate(e, t, t / (w.num_prompts * w.gen_len)))
+    need = n - len(picks)
+    if pool and need > 0:
+        step = max(1, len(pool) // need)
+        idx = list(range(0, len(pool), step))[:need]
+        picks += [pool[i] for i in idx]
+    return picks[:n]
+
+
+def busy_fraction(window: float = 1.0) -> float:
+    """Share of all CPUs busy over `window` seconds (this process idles meanwhile): other load."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+    t0, i0 = read()
+    time.sleep(window)
+    t1, i1 = read()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (up to max_wait s) until other processes use less than `threshold` of the CPUs; the
+    busy share last seen is returned and recorded next to the run."""
+    deadline = time.time() + max_wait
+    busy = busy_fraction()
+    while busy > threshold and time.time() < deadline:
+        busy = busy_fraction(2.0)
+    return busy
+
+
+def run_policy(w: Workload, pol: Policy, prompts: list[list[int]], offload_dir: str, repeat: int,
+               quiet: float = 1.0, max_wait: float = 0.0) -> dict:
+    import torch
+
+    from ..engine.engine import Engine
+    t0 = time.perf_counter()
+    with Engine.from_pretrained(w.model, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=offload_dir,
+                                budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len) as eng:
+        build = time.perf_counter() - t0
+        eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
+        runs, peak = [], {"gpu": 0, "cpu": 0, "disk": 0}
+        for _ in range(repeat):
+            busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
+            res = eng.generate(prompts, max_new_tokens=w.gen_len)
+            s = res.stats
+            runs.append({"prefill_s": s.prefill_time, "decode_s": s.decode_time, "io_wait_s": s.io_wait_time,
+                         "busy_before": busy, "load": os.getloadavg()[0]})
+            peak = {t: max(peak[t], s.peak_memory_bytes.get(t, 0)) for t in peak}
+    best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
+    total = best["prefill_s"] + best["decode_s"]
+    return {"build_s": build, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
+            "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak}
+
+
+def validate(workloads: list[Workload], hw: HardwareProfile, offload_dir: str, repeat: int = 2,
+             n_alt: int = 5, quiet: float = 1.0, max_wait: float = 0.0, refresh: bool = True,
+             log=print) -> list[dict]:
+    import torch
+    out = []
+    for w in workloads:
+        spec = load_spec(w.model)
+        if refresh:  # I/O rates drift on shared machines: re-measure them (seconds) before predicting
+            if max_wait > 0:
+                wait_quiet(quiet, max_wait)
+            hw = refresh_io(hw, offload_dir)
+        res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw, dtype_bytes=2,
+                     num_prompts=w.num_prompts)
+        alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt)
+        g = torch.Generator().manual_seed(0)
+        prompts = [[2] + torch.randint(4, spec.vocab_size, (w.prompt_len - 1,), generator=g).tolist()
+                   for _ in range(w.num_prompts)]
+        rows = []
+        for role, c in [("chosen", res.best)] + [("alternative", a) for a in alts]:
+            pol = c.estimate.policy
+            try:
+                m = run_policy(w, pol, prompts, offload_dir, repeat, quiet, max_wait)
+            except ConfigError as e:  # reported, not fatal: the table shows what could not run
+                log(f"[{w.name}] {role:11s} {_short(pol):44s} could not run: {e}")
+                continue
+            pred_tput = w.num_prompts * w.gen_len / c.total_s
+            row = {"role": role, "policy": pol.to_dict(), "pred_s": c.total_s, "pred_throughput": pred_tput,
+                   "pred_memory": c.estimate.memory, **m, "ratio": m["throughput"] / pred_tput,
+                   "within_budget": _fits(m["peak_memory"], w.budget)}
+            rows.append(row)
+            log(f"[{w.name}] {role:11s} {_short(pol):44s} pred {pred_tput:7.2f} tok/s  meas {m['throughput']:7.2f} "
+                f"(x{row['ratio']:.2f})  other load {max(r['busy_before'] for r in m['runs']):.0%}  "
+                f"peak ok={row['within_budget']}")
+        chosen = rows[0]
+        out.append({"workload": w.__dict__, "rows": rows, "io_rates": {
+                        k: getattr(hw, k) for k in ("h2d_bw", "disk_read_bw", "disk_read_serial_bw", "disk_write_bw")}, "chosen_pred": chosen["pred_throughput"],
+                    "chosen_meas": chosen["throughput"], "ratio": chosen["ratio"],
+                    "chosen_is_fastest": all(chosen["throughput"] >= r["throughput"] for r in rows[1:]),
+                    "lps": res.lps_solved})
+    return out
+
+
+def _short(p: Policy) -> str:
+    return (f"{p.gpu_batch_size}x{p.num_gpu_batches} w {p.w_gpu_percent:.0f}/{p.w_cpu_percent:.0f} "
+            f"kv {p.cache_gpu_percent:.0f}/{p.cache_cpu_percent:.0f} act {'gpu' if p.act_gpu_percent else 'cpu'}"
+            f"{' cpu-attn' if p.cpu_cache_compute else ''}")
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| workload | budgets gpu/cpu/disk | chosen policy | predicted tok/s | measured tok/s | meas/pred |"
+             " alternatives measured tok/s (predicted) | chosen fastest |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        w = r["workload"]
+        alts = ", ".join(f"{a['throughput']:.2f} ({a['pred_throughput']:.2f})" for a in r["rows"][1:])
+        lines.append(f"| {w['name']}: {w['model'][6:]} {w['prompt_len']}+{w['gen_len']} x{w['num_prompts']} | "
+                     f"{w['gpu']}/{w['cpu']}/{w['disk']} | {_short(Policy.from_dict(r['rows'][0]['policy']))} | "
+                     f"{r['chosen_pred']:.2f} | {r['chosen_meas']:.2f} | {r['ratio']:.2f} | {alts} | "
+                     f"{'yes' if r['chosen_is_fastest'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, help="profile JSON to use instead of measuring one now")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the profile and the runs (1)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per policy; the best counts (2)")
+    ap.add_argument("--offload-dir", default=None, help="disk tier directory (default: a temp dir)")
+    ap.add_argument("--only", default=None, help="comma-separated workload names to run")
+    ap.add_argument("--max-wait", type=float, default=0.0,
+                    help="before each timed run (and the profile), wait up to this many seconds for other "
+                         "processes to use less than --quiet of the CPUs (shared machines)")
+    ap.add_argument("--quiet", type=float, default=0.15)
+    ap.add_argument("--no-refresh", action="store_true",
+                    help="do not re-measure copy/disk rates before each workload")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
+    with tempfile.TemporaryDirectory(prefix="flexgen-validate-", dir=args.offload_dir) as tmp:
+        if args.profile:
+            hw = HardwareProfile.from_json(args.profile)
+        else:
+            print("measuring this machine's profile...", file=sys.stderr)
+            if args.max_wait > 0:
+                wait_quiet(args.quiet, args.max_wait)
+            hw = measure_profile("cpu", "bfloat16", offload_dir=tmp, log=print)
+        results = validate(workloads, hw, tmp, repeat=args.repeat, quiet=args.quiet, max_wait=args.max_wait,
+                           refresh=not args.no_refresh)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"profile": hw.to_dict(), "threads": args.threads, "results": results}, f, indent=2,
+                      default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Hardware profile: JSON round trip, shipped T4 profiles, rate interpolation, a quick measurement."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexgen_helm.engine.config import ConfigError
+from flexgen_helm.policy.profiler import HardwareProfile, load_or_measure, load_profile, measure_profile
+
+
+def _profile() -> HardwareProfile:
+    return HardwareProfile(name="x", device="cpu", dtype="bfloat16", h2d_bw=1e10, d2h_bw=9e9, disk_read_bw=1e9,
+                           disk_write_bw=5e8, dev_copy_bw=1e10, mm_curve=[(1, 1e9), (64, 1e11), (4096, 4e11)],
+                           layer_overhead_s=1e-4, meta={"host": "h"})
+
+
+def test_json_round_trip(tmp_path):
+    p = _profile()
+    path = tmp_path / "hw.json"
+    p.to_json(str(path))
+    q = HardwareProfile.from_json(str(path))
+    assert q == p
+    assert json.loads(path.read_text())["schema"] == 2
+    p.layer_curves = {768: [(1, 1e9), (64, 5e10)], 2048: [(1, 2e9), (64, 8e10)]}
+    p.to_json(str(path))
+    q = HardwareProfile.from_json(str(path))
+    assert q == p and q.layer_rate(64, 768, False) == pytest.approx(5e10)
+
+
+def test_missing_field_is_config_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "x", "device": "cpu"}))
+    with pytest.raises(ConfigError, match="lacks"):
+        HardwareProfile.from_json(str(path))
+
+
+@pytest.mark.parametrize("name", ["t4-gcp", "t4-gcp-ssd"])
+def test_shipped_t4_profiles(name):
+    p = load_profile(name)
+    assert p.device == "cuda" and p.h2d_bw == pytest.approx(12.89e9)
+    assert p.mm_rate(48, prefill=False) == pytest.approx(4.3e12)
+    assert p.mm_rate(48 * 512, prefill=True) == pytest.approx(21.24e12)
+    assert p.disk_read_bw == pytest.approx(0.473e9 if name == "t4-gcp" else 2.0e9)
+
+
+def test_unknown_profile_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="t4-gcp"):
+        load_profile("no-such-profile")
+
+
+def test_mm_rate_interpolates_log_log():
+    p = _profile()
+    assert p.mm_rate(64, True) == pytest.approx(1e11)
+    assert p.mm_rate(8, True) == pytest.approx(1e10, rel=1e-6)  # geometric midpoint of 1 and 64
+    assert p.mm_rate(10**6, True) == pytest.approx(4e11)  # flat beyond the last point
+    assert p.mm_rate(1, True) < p.mm_rate(2, True) < p.mm_rate(64, True)
+
+
+def test_quick_measurement_and_cache(tmp_path, monkeypatch):
+    """A very short profile on the CPU: every rate positive, cached for the next call."""
+    monkeypatch.setenv("FLEXGEN_HELM_CACHE", str(tmp_path / "cache"))
+    p = measure_profile("cpu", "float32", offload_dir=str(tmp_path), budget_s=0.2, disk_mb=8, hidden=128,
+                        widths=(64, 128), quick=True)
+    for f in ("h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "dev_copy_bw", "attn_prefill_flops",
+              "attn_decode_bw", "host_attn_decode_bw", "dequant_bw", "quant_bw", "layer_overhead_s",
+              "sched_overhead_s", "disk_block_s"):
+        assert getattr(p, f) > 0, f
+    assert len(p.mm_curve) >= 5
+    assert set(p.layer_curves) == {64, 128} and p.layer_rate(8, 96, False) > 0 and p.head_rate(4, 64) > 0
+    p.to_json(str(tmp_path / "cache" / "x.json"))
+    from flexgen_helm.policy import profiler
+    path = profiler.cache_path("cpu", "float32")
+    p.to_json(path)
+    assert load_or_measure("cpu", "float32") == p  # served from the cache, not re-measured

@@ -1,0 +1,122 @@
+"""Search: feasible picks on tiny models, budget pressure, the impossible-budget error, the T4
+reproduction (regression of the README numbers), benchmark prediction, and Engine(policy="auto")."""
+from __future__ import annotations
+
+import pytest
+
+from flexgen_helm.engine.config import ConfigError, MemoryBudget, Policy
+from flexgen_helm.engine.model_spec import ModelSpec, spec_from_name
+from flexgen_helm.engine.placement import memory_plan
+from flexgen_helm.policy import profiler
+from flexgen_helm.policy.cost_model import estimate
+from flexgen_helm.policy.profiler import HardwareProfile, load_profile
+from flexgen_helm.policy.search import SubScenario, auto_policy, predict_benchmark, search
+
+HW = HardwareProfile(name="toy", device="cpu", dtype="bfloat16", h2d_bw=1e10, d2h_bw=1e10, disk_read_bw=1e9,
+                     disk_write_bw=5e8, dev_copy_bw=1e10, mm_curve=[(1, 2e9), (64, 1e11), (4096, 3e11)],
+                     attn_prefill_flops=5e10, attn_decode_bw=5e9, host_attn_decode_bw=5e9, dequant_bw=1e9,
+                     quant_bw=1e9, layer_overhead_s=5e-5, copy_overlaps_compute=False)
+SPEC = ModelSpec("toy", num_layers=4, hidden=256, num_heads=4, ffn=1024, vocab_size=1000, max_positions=512)
+
+
+def _fits(pol: Policy, budget: MemoryBudget, prompt_len: int, gen_len: int) -> dict[str, int]:
+    plan = memory_plan(SPEC, pol, prompt_len, gen_len, 2)
+    for tier in ("gpu", "cpu", "disk"):
+        limit = getattr(budget, tier)
+        assert limit is None or plan[tier] <= limit, (tier, plan, budget)
+    return plan
+
+
+def test_unlimited_memory_keeps_everything_on_the_compute_tier():
+    res = search(SPEC, prompt_len=32, gen_len=8, budget=MemoryBudget(gpu=10**9, cpu=10**9, disk=0), hw=HW,
+                 dtype_bytes=2, num_prompts=16)
+    p = res.policy
+    assert p.w_gpu_percent == 100 and p.cache_gpu_percent == 100 and p.block_size <= 16 + p.gpu_batch_size
+
+
+@pytest.mark.parametrize("gpu_mb,cpu_mb", [(12, 100), (6, 100), (4.5, 6)])
+def test_tight_budgets_are_respected(gpu_mb, cpu_mb):
+    budget = MemoryBudget(gpu=int(gpu_mb * 1e6), cpu=int(cpu_mb * 1e6), disk=10**9)
+    res = search(SPEC, prompt_len=32, gen_len=8, budget=budget, hw=HW, dtype_bytes=2, num_prompts=32)
+    plan = _fits(res.policy, budget, 32, 8)
+    assert res.best.estimate.memory == plan
+    if gpu_mb < 8:  # weights (7.6 MB) + workspace cannot all stay on the compute tier
+        assert res.policy.w_gpu_percent < 100
+    if cpu_mb < 7.6:
+        assert res.policy.w_disk_percent > 0 or res.policy.cache_disk_percent > 0
+
+
+def test_search_beats_the_policies_it_enumerates():
+    budget = MemoryBudget(gpu=5 * 10**6, cpu=50 * 10**6, disk=10**9)
+    res = search(SPEC, prompt_len=32, gen_len=8, budget=budget, hw=HW, dtype_bytes=2)
+    assert all(res.best.per_token_s <= c.per_token_s * 1.0001 for c in res.candidates)
+    # and beats simple hand policies that fit
+    for pol in (Policy.from_percent([0, 100, 0, 100, 100, 0], gpu_batch_size=4, num_gpu_batches=2),
+                Policy.from_percent([0, 100, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=1,
+                                    cpu_cache_compute=True)):
+        e = estimate(SPEC, pol, HW, 32, 8, 2)
+        assert e.throughput <= res.best.estimate.throughput * 1.0001
+
+
+def test_impossible_budget_names_the_smallest_that_works():
+    with pytest.raises(ConfigError, match=r"gpu \(compute-tier\) budget to at least .*MB") as e:
+        search(SPEC, prompt_len=32, gen_len=8, budget=MemoryBudget(gpu=10_000, cpu=10**9, disk=10**9), hw=HW,
+               dtype_bytes=2)
+    need_mb = float(str(e.value).split("at least ")[1].split(" MB")[0])
+    # that budget does work
+    search(SPEC, prompt_len=32, gen_len=8, budget=MemoryBudget(gpu=int(need_mb * 1e6 * 1.01), cpu=10**9,
+                                                               disk=10**9), hw=HW, dtype_bytes=2)
+
+
+def test_context_overflow_is_config_error():
+    with pytest.raises(ConfigError, match="context"):
+        search(SPEC, prompt_len=500, gen_len=32, budget=MemoryBudget(gpu=10**9), hw=HW, dtype_bytes=2)
+
+
+def test_t4_opt30b_matches_flexgen_within_30_percent():
+    """The README's reproduction: FlexGen measured 7.32 tok/s for OPT-30B, 512+32, 16 GB T4."""
+    budget = MemoryBudget(gpu=15 * 10**9, cpu=200 * 10**9, disk=1500 * 10**9)
+    res = search(spec_from_name("opt-30b"), prompt_len=512, gen_len=32, budget=budget, hw=load_profile("t4-gcp"),
+                 dtype_bytes=2)
+    assert 0.7 * 7.32 <= res.best.estimate.throughput <= 1.3 * 7.32
+    assert res.best.estimate.memory["gpu"] <= 15 * 10**9
+
+
+def test_benchmark_prediction_sums_blocks():
+    subs = [SubScenario("a", 32, 8, 10), SubScenario("b", 64, 1, 3, Policy(gpu_batch_size=2, num_gpu_batches=2))]
+    rows = predict_benchmark(SPEC, subs, HW, MemoryBudget(gpu=10**8, cpu=10**9, disk=0), 2)
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert rows[1]["blocks"] == 1 and rows[1]["predicted_s"] == pytest.approx(rows[1]["block_s"])
+    assert all(r["predicted_s"] > 0 for r in rows)
+
+
+@pytest.fixture
+def cached_toy_profile(tmp_path, monkeypatch):
+    """auto_policy without a profile uses the cached one for this machine: provide it."""
+    monkeypatch.setenv("FLEXGEN_HELM_CACHE", str(tmp_path))
+    HW.to_json(profiler.cache_path("cpu", "bfloat16"))
+    return HW
+
+
+def test_auto_policy_uses_the_cached_profile(cached_toy_profile):
+    budget = MemoryBudget(gpu=5 * 10**6, cpu=10**8, disk=0)
+    pol = auto_policy(SPEC, prompt_len=16, gen_len=4, budget=budget, device="cpu", dtype_bytes=2, num_prompts=8)
+    assert pol.w_gpu_percent < 100 and pol.w_disk_percent == 0
+    _fits(pol, budget, 16, 4)
+
+
+def test_engine_auto_runs_within_budget(tiny_opt, cached_toy_profile, tmp_path):
+    """Engine(policy="auto") on a tiny checkpoint: the searched policy runs and peaks within budget."""
+    from flexgen_helm.engine.engine import Engine
+    from flexgen_helm.engine.model_spec import load_spec
+    spec = load_spec(tiny_opt)
+    one = memory_plan(spec, Policy(gpu_batch_size=1), 16, 4, 2)["gpu"]
+    budget = MemoryBudget(gpu=int(one * 1.2), cpu=10**8, disk=10**8)  # far from room for a big batch on the gpu
+    with Engine.from_pretrained(tiny_opt, policy="auto", device="cpu", offload_dir=str(tmp_path), budget=budget,
+                                prompt_len=16, gen_len=4) as eng:
+        assert memory_plan(spec, eng.policy, 16, 4, 2)["gpu"] <= budget.gpu
+        prompts = [[2, 5, 6, 7] * 4] * 3
+        res = eng.generate(prompts, max_new_tokens=4)
+        assert all(len(s) == 4 for s in res.sequences)
+        for tier in ("gpu", "cpu", "disk"):
+            assert res.stats.peak_memory_bytes[tier] <= getattr(budget, tier), tier

@@ -1,0 +1,47 @@
+"""Prediction vs the engine on this machine. The fast test checks the choice of comparison policies;
+the slow one runs the engine (python -m flexgen_helm.policy.validate does all workloads)."""
+from __future__ import annotations
+
+import pytest
+
+from flexgen_helm.engine.model_spec import load_spec
+from flexgen_helm.policy.profiler import HardwareProfile
+from flexgen_helm.policy.search import search
+from flexgen_helm.policy.validate import WORKLOADS, Workload, pick_alternatives, validate
+
+HW = HardwareProfile(name="toy", device="cpu", dtype="bfloat16", h2d_bw=6e9, d2h_bw=6e9, disk_read_bw=1e9,
+                     disk_write_bw=1e9, dev_copy_bw=6e9, mm_curve=[(1, 1e10), (64, 3e11), (4096, 5e11)],
+                     attn_prefill_flops=8e10, attn_decode_bw=6e9, host_attn_decode_bw=6e9, dequant_bw=1e9,
+                     quant_bw=3e8, layer_overhead_s=1.5e-4, copy_overlaps_compute=True)
+
+
+@pytest.mark.parametrize("w", WORKLOADS, ids=[w.name for w in WORKLOADS])
+def test_alternatives_are_feasible_distinct_and_predicted_slower(w: Workload):
+    spec = load_spec(w.model)
+    res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=HW, dtype_bytes=2,
+                 num_prompts=w.num_prompts)
+    alts = pick_alternatives(res.best, res.candidates, spec, HW, w)
+    assert len(alts) == 5
+    pols = [res.best.estimate.policy] + [a.estimate.policy for a in alts]
+    assert len({repr(p) for p in pols}) == 6
+    for a in alts:
+        assert a.per_token_s >= res.best.per_token_s
+        for tier in ("gpu", "cpu", "disk"):
+            limit = getattr(w.budget, tier)
+            assert limit is None or a.estimate.memory[tier] <= limit
+
+
+@pytest.mark.slow
+def test_prediction_matches_engine_on_this_machine(tmp_path):
+    """Measured generation throughput of the chosen policy within 25% of the prediction, at least as
+    fast as the alternatives, and within budget. Needs a quiet machine (see validate.py)."""
+    import torch
+
+    from flexgen_helm.policy.profiler import measure_profile
+    torch.set_num_threads(1)
+    hw = measure_profile("cpu", "bfloat16", offload_dir=str(tmp_path))
+    results = validate(WORKLOADS[:2], hw, str(tmp_path), repeat=2, max_wait=120)
+    for r in results:
+        assert 0.75 <= r["ratio"] <= 1.25, r["workload"]["name"]
+        assert r["chosen_is_fastest"], r["workload"]["name"]
+        assert all(row["within_budget"] for row in r["rows"])
