@@ -127,9 +127,9 @@ def cache_block_tiers(spec: ModelSpec, policy: Policy, num_micro_batches: int) -
 
 
 def act_tier(policy: Policy) -> str:
+    """The one tier activations live on between layers (the engine requires a single tier)."""
     g, c, d = policy.fractions("act")
-    return max((g, "gpu"), (c, "cpu"), (d, "disk"))[1] if max(g, c, d) < 1.0 else \
-        ("gpu" if g >= 1.0 else "cpu" if c >= 1.0 else "disk")
+    return "gpu" if g >= max(c, d) else ("cpu" if c >= d else "disk")
 
 
 def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, vocab_rows: int) -> int:

@@ -169,7 +169,7 @@ def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParam
                     else:
                         x = _from_home(hidden[k], act_home, dev)
                         _head(engine, w, mb, x, step, max_new, params, gens.get(k), want_prompt_logprobs)
-                store.release(j, w["__slot__"])
+                store.release(w["__slot__"])
             if step == 0:
                 timing.prefill += time.perf_counter() - t_step
             else:

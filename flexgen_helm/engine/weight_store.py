@@ -103,12 +103,13 @@ class WeightStore:
             self.stream.wait_event(self.free_events[slot])  # slot's previous layer finished computing
         return self.tiers.pool.submit(self._load, j, slot)
 
-    def release(self, j: int, slot_hint: int | None = None) -> None:
-        """Called after the last micro-batch used layer j's weights (CUDA: lets the slot be rewritten)."""
+    def release(self, slot: int) -> None:
+        """Called after the last micro-batch used the weights staged in `slot` (CUDA: lets the
+        slot be rewritten once the compute queued so far has finished)."""
         if self.tiers.on_cuda:
             ev = torch.cuda.Event()
             ev.record()
-            self.free_events[(self._slot) ^ 1 if slot_hint is None else slot_hint] = ev
+            self.free_events[slot] = ev
 
     def _load(self, j: int, slot: int) -> dict[str, torch.Tensor]:
         lay = self.layouts[j]
