@@ -63,9 +63,11 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     p = measure_profile("cpu", "float32", offload_dir=str(tmp_path), budget_s=0.2, disk_mb=8, hidden=128,
                         widths=(64, 128), quick=True)
     for f in ("h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "dev_copy_bw", "attn_prefill_flops",
-              "attn_decode_bw", "host_attn_decode_bw", "dequant_bw", "quant_bw", "layer_overhead_s",
-              "sched_overhead_s", "disk_block_s"):
+              "attn_decode_bw", "host_attn_decode_bw", "dequant_bw", "quant_bw", "layer_overhead_s"):
         assert getattr(p, f) > 0, f
+    # measured as differences of two timings, clamped at 0: legitimately 0 when below the noise
+    for f in ("sched_overhead_s", "disk_block_s"):
+        assert getattr(p, f) >= 0, f
     assert len(p.mm_curve) >= 5
     assert set(p.layer_curves) == {64, 128} and p.layer_rate(8, 96, False) > 0 and p.head_rate(4, 64) > 0
     p.to_json(str(tmp_path / "cache" / "x.json"))
