@@ -75,3 +75,15 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     path = profiler.cache_path("cpu", "float32")
     p.to_json(path)
     assert load_or_measure("cpu", "float32") == p  # served from the cache, not re-measured
+    # a model of another width: its layer and head curves are measured now and cached with the rest
+    q = load_or_measure("cpu", "float32", hidden=192, embed_dim=32)
+    assert set(q.layer_curves) == {64, 128, 192} and set(q.head_curves) == {32, 64, 128}
+    assert q.layer_curves[64] == p.layer_curves[64] and q.layer_rate(8, 192, False) > 0
+    assert load_or_measure("cpu", "float32") == q
+
+
+def test_other_machines_profiles_are_not_extended():
+    from flexgen_helm.policy.profiler import with_widths
+    p = _profile()  # measured on host "h", not here
+    assert with_widths(p, 96, 32) is p
+    assert with_widths(load_profile("t4-gcp"), 7168, 7168).layer_curves == {}

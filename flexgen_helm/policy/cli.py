@@ -84,7 +84,7 @@ def _cmd_policy(args) -> int:
     else:
         device = (args.device or "cpu").split(":")[0]
         dtype = {2: "float16" if device == "cuda" else "bfloat16", 4: "float32"}.get(args.dtype_bytes, "float16")
-        hw = load_or_measure(device, dtype, log=print)
+        hw = load_or_measure(device, dtype, log=print, hidden=spec.hidden, embed_dim=spec.embed_dim)
     res = search(spec, prompt_len=args.prompt_len, gen_len=args.gen_len, budget=budget, hw=hw,
                  dtype_bytes=args.dtype_bytes, num_prompts=args.num_prompts,
                  allow_compression=args.allow_compression, use_machine_memory=args.profile is None)

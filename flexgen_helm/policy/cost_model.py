@@ -33,7 +33,7 @@ from ..engine.model_spec import ModelSpec
 from .profiler import HardwareProfile
 
 ALIGN = 4096
-CONT_VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "y")
+CONT_VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "y", "q")
 BIN_VARS = ("hg", "s", "zw", "ug", "uc")
 
 
@@ -237,14 +237,17 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     dev_copy = 1.0 / hw.dev_copy_bw
     rd, wr = 1.0 / hw.disk_read_bw, 1.0 / hw.disk_write_bw
     rd_serial = 1.0 / (hw.disk_read_serial_bw or hw.disk_read_bw)
+    # extra seconds per byte of a prefix read while weights stream beside it (profile: measured)
+    mixed_extra = max(0.0, 1.0 / hw.disk_read_mixed_bw - rd_serial) if hw.disk_read_mixed_bw else 0.0
     share = not hw.copy_overlaps_compute  # CPU compute device: copies steal the compute cores
 
     def mm(rows: int, flops: float, prefill: bool) -> float:
         return flops / hw.mm_rate(rows, prefill)
 
     # ---- weight staging of one layer (pool thread), as Lin in the placement variables ---------
-    def weight_chain(stored: int, dense: int) -> tuple[Lin, Lin, Lin, Lin]:
-        """(chain seconds, host->compute bytes, disk read bytes, copy seconds on compute cores)."""
+    def weight_chain(stored: int, dense: int) -> tuple[Lin, Lin, Lin, Lin, Lin]:
+        """(chain seconds, host->compute bytes, disk read bytes, seconds added to compute, seconds of
+        copying done by a CPU core: the compute device's when it is the CPU)."""
         copy_s = var("y", stored * dev_copy) + var("wc", stored * h2d)
         chain = Lin(copy_s) + var("wd", stored * rd)
         link = var("wc", stored)
@@ -254,7 +257,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         deq = const(dense / hw.dequant_bw) if compress_weight else const(0.0)
         # dequantization runs on the compute device whichever thread issues it
         cores = (copy_s if share else Lin()) + deq
-        return chain + deq, link, var("wd", stored), cores
+        return chain + deq, link, var("wd", stored), cores, (Lin() if cuda else copy_s)
 
     wch = {name: weight_chain(st, dn) for name, st, dn in
            (("emb", emb_st, emb_dn), ("dec", dec_st, dec_dn), ("head", head_st, head_dn))}
@@ -263,46 +266,71 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     ov = hw.layer_overhead_s
     act_move = lambda t: var("hc", 2 * b * t * h * es * (d2h + h2d) / 2)  # noqa: E731  to host and back
 
-    def dec_compute(prefill: bool, ctx: float) -> tuple[Lin, Lin, Lin, Lin, Lin]:
-        """Decoder layer: (compute s, cache-chain s, host->compute bytes, disk read B, disk write B)."""
+    def dec_compute(prefill: bool, ctx: float) -> dict[str, Lin]:
+        """One decoder layer over the K micro-batches: "compute" (seconds on the compute thread,
+        with the cache prefetch folded in), "busy" (compute-thread seconds alone, for the core
+        count), "copy" (CPU seconds of copies in the I/O threads, CPU compute device), and bytes
+        over "h2d", disk "rd" and disk "wr"."""
         t = s if prefill else 1
         rows = b * t
         flops = 2 * rows * (4 * h * h + 2 * h * f)
         rate = hw.layer_rate(rows, h, prefill)  # whole measured layers when the profile has them
-        comp = const(K * (hw.sched_overhead_s + (flops / rate if rate else ov + mm(rows, flops, prefill))))
-        comp = comp + act_move(t) * K
+        math_s = hw.sched_overhead_s + (flops / rate if rate else ov + mm(rows, flops, prefill))
+        moves = act_move(t) * K
         if prefill:
-            comp = comp + const(K * (hw.attn_prefill_overhead_s + 2 * b * s * s * h / hw.attn_prefill_flops))
+            c = const(K * (math_s + hw.attn_prefill_overhead_s + 2 * b * s * s * h / hw.attn_prefill_flops))
             new = 2 * b * s * h * es * stored_ratio  # K/V of the prompt, per micro-batch
             if compress_cache:
-                comp = comp + const(K * 2 * b * s * h * es / hw.quant_bw)
+                c = c + const(K * 2 * b * s * h * es / hw.quant_bw)
             # host copies happen on the compute stream; disk blocks go through the host then the pool
-            comp = comp + (var("cc", K * new * d2h) + var("cd", K * new * d2h))
-            return comp, Lin(), Lin(), Lin(), var("cd", K * new)
+            c = c + (var("cc", K * new * d2h) + var("cd", K * new * d2h)) + moves
+            return {"compute": c, "busy": c, "copy": Lin(), "h2d": Lin(), "rd": Lin(), "wr": var("cd", K * new)}
+        # Decode: the cache prefix of (layer, micro-batch) k+1 is fetched while k computes, so each
+        # pair lasts max(its compute, its fetch). Blocks sit whole on one tier, so the sum over
+        # pairs is linear in the cache fractions: K * sum_tier fraction * max(compute, fetch).
         dense = 2 * b * ctx * h * es  # K+V attended per micro-batch
         moved = dense * stored_ratio  # what a prefix load moves
         new = 2 * b * h * es * stored_ratio
-        # fixed costs: the attention call, and per disk block the append/wait/read bookkeeping that
-        # the engine measurably does not hide (profile.disk_block_s)
-        comp = comp + const(K * hw.attn_decode_overhead_s) + var("cd", K * hw.disk_block_s)
-        comp = comp + var("cg", K * dense / hw.attn_decode_bw) + var("cd", K * new * d2h)
-        if compress_cache:
-            comp = comp + const(K * (dense / hw.dequant_bw + 2 * b * h * es / hw.quant_bw))
-        if ccc:  # off-compute-tier blocks: attention on the host, q/k/v out and result back
-            off = var("cc", K) + var("cd", K)
-            comp = comp + off * (dense / hw.host_attn_decode_bw + 3 * b * h * es * d2h + b * h * es * h2d)
-            # disk blocks are read into host staging (single-threaded reads) and re-laid head-major
-            chain = var("cd", K * (moved * (rd_serial + dev_copy) + hw.disk_sync_s))
-            h2d_b = Lin()
-            if share:
-                comp = comp + var("cd", K * moved * dev_copy)
-        else:  # prefixes are copied to the compute tier, then attended there
-            comp = comp + (var("cc", K) + var("cd", K)) * (dense / hw.attn_decode_bw)
-            chain = var("cc", K * moved * h2d) + var("cd", K * (moved * (rd_serial + h2d) + hw.disk_sync_s))
-            h2d_b = var("cc", K * moved) + var("cd", K * moved)
-            if share:
-                comp = comp + (var("cc", K * moved * h2d) + var("cd", K * moved * h2d))
-        return comp, chain, h2d_b, var("cd", K * moved), var("cd", K * new + K * hw.disk_sync_s * hw.disk_write_bw)
+        base = math_s + hw.attn_decode_overhead_s
+        if compress_cache:  # new entries are quantized (and read back) on the compute thread
+            base += 2 * b * h * es / hw.quant_bw + 2 * b * h * es / hw.dequant_bw
+        # Compressed blocks are dequantized by the fetch (I/O thread) where attention runs: on a
+        # CUDA device that is GPU time like any kernel (it adds to compute); on a CPU device it is
+        # CPU work beside compute (it adds to the fetch and to the copies competing for cores).
+        deq_all = dense / hw.dequant_bw if compress_cache else 0.0
+        deq = 0.0 if cuda else deq_all
+        dev_attn = dense / hw.attn_decode_bw + (deq_all if cuda else 0.0)
+        host_attn = dense / hw.host_attn_decode_bw + 3 * b * h * es * d2h + b * h * es * h2d
+        cpu = not cuda
+        # tier: (compute s, fetch s, CPU copy s in the fetch, host->compute B, disk read B)
+        if ccc:
+            per = {"cg": (base + dev_attn, deq, deq if cpu else 0.0, 0.0, 0.0),
+                   "cc": (base + host_attn + new * d2h, deq, deq, 0.0, 0.0),
+                   "cd": (base + host_attn + new * d2h + hw.disk_block_s,
+                          moved * (rd_serial + dev_copy) + hw.disk_sync_s + deq, moved * dev_copy + deq,
+                          0.0, moved)}
+        else:
+            per = {"cg": (base + dev_attn, deq, deq if cpu else 0.0, 0.0, 0.0),
+                   "cc": (base + dev_attn + new * d2h, moved * h2d + deq,
+                          (moved * h2d + deq) if cpu else 0.0, moved, 0.0),
+                   "cd": (base + dev_attn + new * d2h + hw.disk_block_s,
+                          moved * (rd_serial + h2d) + hw.disk_sync_s + deq,
+                          (moved * h2d + deq) if cpu else 0.0, moved, moved)}
+        c, busy, copy, h2d_b, rd_b = moves, moves, Lin(), Lin(), Lin()
+        for frac, (comp_s, fetch_s, copy_s, hb, rb) in per.items():
+            pair = comp_s + fetch_s if share else max(comp_s, fetch_s)  # share: copies on compute cores
+            c = c + var(frac, K * pair)
+            if frac == "cd" and mixed_extra:
+                # while the next layer's weights stream from disk, a prefix read shares the device
+                # queue with their requests (q = cd when any weight is on disk, else 0)
+                fetch_m = fetch_s + moved * mixed_extra
+                c = c + var("q", K * ((comp_s + fetch_m if share else max(comp_s, fetch_m)) - pair))
+            busy = busy + var(frac, K * comp_s)
+            copy = copy + var(frac, K * copy_s)
+            h2d_b = h2d_b + var(frac, K * hb)
+            rd_b = rd_b + var(frac, K * rb)
+        wr_b = var("cd", K * new + K * hw.disk_sync_s * hw.disk_write_bw)
+        return {"compute": c, "busy": busy, "copy": copy, "h2d": h2d_b, "rd": rd_b, "wr": wr_b}
 
     def head_compute(prefill: bool) -> Lin:
         logits = 2 * b * V * E  # last position only
@@ -320,24 +348,29 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         return const(K * (ov * 0.3 + hw.sched_overhead_s + proj + 2 * b * t * h * es * dev_copy))
 
     def slots_for(prefill: bool, ctx: float, count: float, tag: str) -> list[Slot]:
-        dc, dchain, dh2d, drd, dwr = dec_compute(prefill, ctx)
+        dec = dec_compute(prefill, ctx)
+        none = {k: Lin() for k in dec}
         out = []
-        # (name, slots, compute, layer loaded meanwhile)
-        plan = [("emb", 1, emb_compute(prefill), Lin(), Lin(), Lin(), Lin(), "dec"),
-                ("dec", L - 1, dc, dchain, dh2d, drd, dwr, "dec"),
-                ("dec_last", 1, dc, dchain, dh2d, drd, dwr, "head"),
-                ("head", 1, head_compute(prefill), Lin(), Lin(), Lin(), Lin(), "emb")]
-        for name, cnt, comp, chain, ch2d, crd, cwr, nxt in plan:
+        # (name, slots, layer's own terms, layer whose weights load meanwhile)
+        plan = [("emb", 1, dict(none, compute=emb_compute(prefill)), "dec"),
+                ("dec", L - 1, dec, "dec"),
+                ("dec_last", 1, dec, "head"),
+                ("head", 1, dict(none, compute=head_compute(prefill)), "emb")]
+        for name, cnt, own, nxt in plan:
             if cnt <= 0:
                 continue
-            wchain, wh2d, wrd, wcores = wch[nxt]
-            res = {"compute": comp + wcores, "weights": wchain}
-            if chain:
-                res["cache"] = chain
-            link_h2d = wh2d + ch2d
+            wchain, wh2d, wrd, wcores, wcopy = wch[nxt]
+            res = {"compute": own["compute"] + wcores, "weights": wchain}
+            if hw.host_cores and not share:
+                # copies run beside compute on spare cores, but all the CPU work has to fit on the
+                # cores there are (compute uses one per torch thread, each copying I/O thread one)
+                threads = hw.meta.get("threads", 1)
+                busy = own["busy"] if own["busy"] else own["compute"]
+                res["cores"] = (busy * threads + wcopy + own["copy"]) * (1.0 / hw.host_cores)
+            link_h2d = wh2d + own["h2d"]
             if link_h2d:
                 res["host->compute"] = link_h2d * h2d
-            disk = (wrd + crd) * rd + cwr * wr
+            disk = (wrd + own["rd"]) * rd + own["wr"] * wr
             if disk:
                 res["disk"] = disk
             out.append(Slot(f"{tag}:{name}", cnt * count, res))
@@ -381,6 +414,7 @@ def policy_variables(spec: ModelSpec, policy: Policy, model: BlockModel | None =
          "s": streamed, "y": wg * streamed, "zw": 0.0, "ug": 0.0, "uc": 0.0}
     for ind, fracs in (model.indicators if model else {"zw": ("wd",)}).items():
         x[ind] = 1.0 if any(x[f] > 0 for f in fracs) else 0.0
+    x["q"] = cd * x["zw"]  # cache blocks on disk while weights stream from disk
     return x
 
 

@@ -115,6 +115,7 @@ def solve_lp(model: BlockModel, limits: dict[str, float | None], fixed: dict[str
     prob += v["hg"] + v["hc"] == 1
     prob += v["wg"] + v["s"] >= 1  # not streamed (s=0) only when every weight byte is resident
     prob += v["y"] >= v["wg"] + v["s"] - 1  # y = wg * s, from below (it only ever costs time)
+    prob += v["q"] >= v["cd"] + v["zw"] - 1  # q = cd * zw, likewise
     for ind, fracs in model.indicators.items():
         for f in fracs:
             prob += v[f] <= v[ind]
@@ -361,7 +362,8 @@ def auto_policy(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: Memor
     dev = device.split(":")[0]
     if profile is None:
         dtype = {2: "float16" if dev == "cuda" else "bfloat16", 4: "float32"}.get(dtype_bytes, "float16")
-        profile = load_or_measure(dev, dtype, offload_dir=os.environ.get("FLEXGEN_HELM_OFFLOAD_DIR"))
+        profile = load_or_measure(dev, dtype, offload_dir=os.environ.get("FLEXGEN_HELM_OFFLOAD_DIR"),
+                                  hidden=spec.hidden, embed_dim=spec.embed_dim)
     elif isinstance(profile, str):
         profile = load_profile(profile)
     if profile.device != dev:

@@ -13,14 +13,14 @@ cannot resolve), plus a hand policy ("everything in host memory").
 Noise: this is usually run on small shared machines. Torch is pinned to `--threads` (default 1:
 with two cores and another busy process, every multi-threaded op waits a scheduler slice at its
 barrier, which makes both the profile and the runs meaningless), each measured figure is the best
-of `--repeat` runs, and the load average is recorded next to each run.
+of `--repeat` runs taken round-robin over the policies (a slow minute of a neighbour then costs one
+run of several policies, not all runs of one), and the load average is recorded next to each run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
-from .profiler import HardwareProfile, measure_profile, refresh_io
+from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
 from .search import Candidate, search, workload_time
 
 
@@ -123,41 +123,72 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-def run_policy(w: Workload, pol: Policy, prompts: list[list[int]], offload_dir: str, repeat: int,
-               quiet: float = 1.0, max_wait: float = 0.0) -> dict:
+def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offload_dir: str, repeat: int,
+                 quiet: float = 1.0, max_wait: float = 0.0, log=print) -> list[dict | ConfigError]:
+    """Time each policy `repeat` times, round-robin: all engines are built first, then every round
+    runs each policy once. On a shared machine the disk and the cores slow down for a minute at a
+    time; round-robin spreads each policy's runs over the whole measurement, so a slow minute costs
+    one run of several policies instead of every run of one. The best run of each policy counts."""
+    import contextlib
+
     import torch
 
     from ..engine.engine import Engine
-    t0 = time.perf_counter()
-    with Engine.from_pretrained(w.model, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=offload_dir,
-                                budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len) as eng:
-        build = time.perf_counter() - t0
-        eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
-        runs, peak = [], {"gpu": 0, "cpu": 0, "disk": 0}
-        for _ in range(repeat):
-            busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
-            res = eng.generate(prompts, max_new_tokens=w.gen_len)
-            s = res.stats
-            runs.append({"prefill_s": s.prefill_time, "decode_s": s.decode_time, "io_wait_s": s.io_wait_time,
-                         "busy_before": busy, "load": os.getloadavg()[0]})
-            peak = {t: max(peak[t], s.peak_memory_bytes.get(t, 0)) for t in peak}
-    best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
-    total = best["prefill_s"] + best["decode_s"]
-    return {"build_s": build, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
-            "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak}
+    with contextlib.ExitStack() as stack:
+        engines: list = []
+        for pol in pols:
+            t0 = time.perf_counter()
+            try:
+                eng = stack.enter_context(Engine.from_pretrained(
+                    w.model, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=offload_dir,
+                    budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len))
+            except ConfigError as e:  # reported, not fatal: the table shows what could not run
+                engines.append(e)
+                continue
+            eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
+            engines.append((eng, time.perf_counter() - t0, [], {"gpu": 0, "cpu": 0, "disk": 0}))
+        for r in range(repeat):
+            for i, e in enumerate(engines):
+                if isinstance(e, ConfigError):
+                    continue
+                eng, _, runs, peak = e
+                busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
+                st = eng.generate(prompts, max_new_tokens=w.gen_len).stats
+                runs.append({"round": r, "prefill_s": st.prefill_time, "decode_s": st.decode_time,
+                             "io_wait_s": st.io_wait_time, "busy_before": busy, "load": os.getloadavg()[0]})
+                for t in peak:
+                    peak[t] = max(peak[t], st.peak_memory_bytes.get(t, 0))
+            log(f"[{w.name}] round {r + 1}/{repeat} done")
+    out: list[dict | ConfigError] = []
+    for e in engines:
+        if isinstance(e, ConfigError):
+            out.append(e)
+            continue
+        _, build, runs, peak = e
+        best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
+        total = best["prefill_s"] + best["decode_s"]
+        out.append({"build_s": build, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
+                    "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak})
+    return out
 
 
-def validate(workloads: list[Workload], hw: HardwareProfile, offload_dir: str, repeat: int = 2,
-             n_alt: int = 5, quiet: float = 1.0, max_wait: float = 0.0, refresh: bool = True,
+def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir: str, repeat: int = 2,
+             n_alt: int = 5, quiet: float = 1.0, max_wait: float = 0.0, refresh: str = "full",
              log=print) -> list[dict]:
     import torch
     out = []
     for w in workloads:
         spec = load_spec(w.model)
-        if refresh:  # I/O rates drift on shared machines: re-measure them (seconds) before predicting
-            if max_wait > 0:
-                wait_quiet(quiet, max_wait)
+        # Rates drift on shared machines (neighbours' CPU and disk use): measure again right before
+        # predicting, in the conditions the runs will see. "io": copies and disk only (seconds).
+        if refresh != "none" and max_wait > 0:
+            wait_quiet(quiet, max_wait)
+        if refresh == "full" or hw is None:
+            hw = measure_profile("cpu", "bfloat16", offload_dir=offload_dir, budget_s=12, widths=(spec.hidden,),
+                                 head_widths=(spec.embed_dim,))
+        elif refresh == "io":
             hw = refresh_io(hw, offload_dir)
+        hw = with_widths(hw, spec.hidden, spec.embed_dim)
         res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw, dtype_bytes=2,
                      num_prompts=w.num_prompts)
         alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt)
@@ -165,12 +196,13 @@ def validate(workloads: list[Workload], hw: HardwareProfile, offload_dir: str, r
         prompts = [[2] + torch.randint(4, spec.vocab_size, (w.prompt_len - 1,), generator=g).tolist()
                    for _ in range(w.num_prompts)]
         rows = []
-        for role, c in [("chosen", res.best)] + [("alternative", a) for a in alts]:
+        picks = [("chosen", res.best)] + [("alternative", a) for a in alts]
+        measured = run_policies(w, [c.estimate.policy for _, c in picks], prompts, offload_dir, repeat, quiet,
+                                max_wait, log)
+        for (role, c), m in zip(picks, measured):
             pol = c.estimate.policy
-            try:
-                m = run_policy(w, pol, prompts, offload_dir, repeat, quiet, max_wait)
-            except ConfigError as e:  # reported, not fatal: the table shows what could not run
-                log(f"[{w.name}] {role:11s} {_short(pol):44s} could not run: {e}")
+            if isinstance(m, ConfigError):
+                log(f"[{w.name}] {role:11s} {_short(pol):44s} could not run: {m}")
                 continue
             pred_tput = w.num_prompts * w.gen_len / c.total_s
             row = {"role": role, "policy": pol.to_dict(), "pred_s": c.total_s, "pred_throughput": pred_tput,
@@ -181,8 +213,7 @@ def validate(workloads: list[Workload], hw: HardwareProfile, offload_dir: str, r
                 f"(x{row['ratio']:.2f})  other load {max(r['busy_before'] for r in m['runs']):.0%}  "
                 f"peak ok={row['within_budget']}")
         chosen = rows[0]
-        out.append({"workload": w.__dict__, "rows": rows, "io_rates": {
-                        k: getattr(hw, k) for k in ("h2d_bw", "disk_read_bw", "disk_read_serial_bw", "disk_write_bw")}, "chosen_pred": chosen["pred_throughput"],
+        out.append({"workload": w.__dict__, "rows": rows, "profile": hw.to_dict(), "chosen_pred": chosen["pred_throughput"],
                     "chosen_meas": chosen["throughput"], "ratio": chosen["ratio"],
                     "chosen_is_fastest": all(chosen["throughput"] >= r["throughput"] for r in rows[1:]),
                     "lps": res.lps_solved})
@@ -220,27 +251,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each timed run (and the profile), wait up to this many seconds for other "
                          "processes to use less than --quiet of the CPUs (shared machines)")
     ap.add_argument("--quiet", type=float, default=0.15)
-    ap.add_argument("--no-refresh", action="store_true",
-                    help="do not re-measure copy/disk rates before each workload")
+    ap.add_argument("--refresh", choices=["full", "io", "none"], default="none",
+                    help="with --profile: re-measure all of it before each workload, only its copy/disk "
+                         "rates, or nothing (default). Without --profile a full profile is measured "
+                         "before each workload.")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="flexgen-validate-", dir=args.offload_dir) as tmp:
-        if args.profile:
-            hw = HardwareProfile.from_json(args.profile)
-        else:
-            print("measuring this machine's profile...", file=sys.stderr)
-            if args.max_wait > 0:
-                wait_quiet(args.quiet, args.max_wait)
-            hw = measure_profile("cpu", "bfloat16", offload_dir=tmp, log=print)
+        # without --profile, each workload gets a profile measured right before it (see validate)
+        hw = HardwareProfile.from_json(args.profile) if args.profile else None
+        refresh = args.refresh if args.profile else "full"
         results = validate(workloads, hw, tmp, repeat=args.repeat, quiet=args.quiet, max_wait=args.max_wait,
-                           refresh=not args.no_refresh)
+                           refresh=refresh)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"profile": hw.to_dict(), "threads": args.threads, "results": results}, f, indent=2,
-                      default=str)
+            json.dump({"threads": args.threads, "results": results}, f, indent=2, default=str)
     return 0
 
 
