@@ -18,6 +18,8 @@ Every term is a `Lin` (constant + coefficients on placement variables), so the s
 evaluate a given Policy (`estimate`) and become LP constraints (search.py). Variables:
   wg wc wd   weight fractions        cg cc cd   cache fractions      hg hc   activations (0/1)
   s          1 when weights stream (wg < 1); y = wg*s (the compute-tier part copied to staging)
+  q          cd*zw: cache blocks on disk while weights stream from disk (their prefix reads share
+             the disk queue with the weight requests)
   zw ug uc   indicators (BlockModel.indicators): some weights on disk; cache staging buffers exist
              on the compute tier / on the host
 Memory per tier mirrors placement.memory_plan, the engine's own accounting (the search re-checks
