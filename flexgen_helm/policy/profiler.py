@@ -43,8 +43,8 @@ class HardwareProfile:
     dev_copy_bw: float  # a copy inside the compute tier (weight staging of compute-resident bytes)
     disk_read_serial_bw: float | None = None  # one request at a time (cache prefix reads); None: = read
     # the same while a parallel stream (weights) reads beside it: a device queue serves requests
-    # in turn, so one request among several gets a share (this VM disk: ~0.35 of 1.8 GB/s with 4
-    # weight requests in flight). None: no contention known.
+    # in turn, so one request among several gets a share (this VM disk: 0.2-0.5 GB/s instead of
+    # ~1.8 GB/s with 4 weight requests in flight). None: no contention known.
     disk_read_mixed_bw: float | None = None
     disk_sync_s: float = 0.0  # extra cost of reading a disk KV block right after appending a row to it
     # Matmul throughput of layer-shaped products, as (rows, FLOP/s) points; rows = tokens in the
@@ -211,9 +211,9 @@ def load_or_measure(device: str = "cpu", dtype: str | None = None, offload_dir: 
 def with_widths(prof: HardwareProfile, hidden: int | None, embed_dim: int | None, budget_s: float = 20.0,
                 log: Callable[[str], None] | None = None) -> HardwareProfile:
     """The profile with decoder-layer curves at `hidden` and LM-head curves at `embed_dim` measured
-    on this machine if it lacks them. Speed does not vary smoothly with width (on a 2-core Xeon a
-    1024-wide layer ran faster per FLOP than both 768 and 2048 at some row counts), so the model's
-    own width is measured rather than interpolated. Profiles of other machines are left alone."""
+    on this machine if it lacks them. Interpolating between widths misleads (on a 2-core Xeon,
+    opt-350m's 1024-wide layers ran ~610 GFLOP/s where the 768 and 2048 curves said ~440), so the
+    model's own width is measured. Profiles of other machines are left alone."""
     need_h = hidden is not None and hidden not in prof.layer_curves
     need_e = embed_dim is not None and embed_dim not in prof.head_curves
     if not (need_h or need_e) or prof.source != "measured" or prof.meta.get("host") != platform.node():
@@ -222,17 +222,26 @@ def with_widths(prof: HardwareProfile, hidden: int | None, embed_dim: int | None
     dev = torch.device(prof.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return prof
-    tdtype = getattr(torch, prof.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    per = budget_s / 20 / 4  # what measure_profile gives each curve point
-    layer_curves, head_curves = dict(prof.layer_curves), dict(prof.head_curves)
-    if need_h:
-        layer_curves[hidden] = _layer_curve(dev, tdtype, sync, per, hidden, dev.type == "cuda")
-        (log or (lambda s: None))(f"decoder layer h={hidden}: " + ", ".join(
-            f"{r}:{f / 1e9:.0f}" for r, f in layer_curves[hidden]) + " GFLOP/s")
-    if need_e:
-        head_curves[embed_dim] = _head_curve(dev, tdtype, sync, per, embed_dim)
-    return dataclasses.replace(prof, layer_curves=layer_curves, head_curves=head_curves)
+    layers_, heads = _measure_curves(dev, getattr(torch, prof.dtype), sync, budget_s / 20,
+                                     (hidden,) if need_h else (), (embed_dim,) if need_e else (),
+                                     log or (lambda s: None))
+    return dataclasses.replace(prof, layer_curves={**prof.layer_curves, **layers_},
+                               head_curves={**prof.head_curves, **heads})
+
+
+def _measure_curves(dev, tdtype, sync, per: float, widths: tuple[int, ...], head_widths: tuple[int, ...],
+                    log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Decoder-layer curves at `widths` and LM-head curves at `head_widths` (`per`: a probe's
+    seconds in measure_profile; each curve point gets a quarter of it)."""
+    on_cuda = dev.type == "cuda"
+    layer_curves = {w: _layer_curve(dev, tdtype, sync, per / 4, w, on_cuda) for w in widths}
+    for w, c in layer_curves.items():
+        log(f"decoder layer h={w}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    head_curves = {e: _head_curve(dev, tdtype, sync, per / 4, e) for e in head_widths}
+    for e, c in head_curves.items():
+        log(f"LM head E={e}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    return layer_curves, head_curves
 
 
 # ---- measurement ------------------------------------------------------------------------------
@@ -307,12 +316,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
 
     # -- whole decoder layers and LM heads, with the engine's functions, at a few widths
     widths = widths or ((1024, 4096, 8192) if on_cuda else (768, 2048, 4096))
-    layer_curves = {w: _layer_curve(dev, tdtype, sync, per / 4, w, on_cuda) for w in widths}
-    for w, c in layer_curves.items():
-        log(f"decoder layer h={w}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
-    head_curves = {e: _head_curve(dev, tdtype, sync, per / 4, e) for e in (head_widths or widths[:2])}
-    for e, c in head_curves.items():
-        log(f"LM head E={e}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    layer_curves, head_curves = _measure_curves(dev, tdtype, sync, per, widths, head_widths or widths[:2], log)
 
     # -- attention with the engine's kernels, fitted as fixed cost + size / rate from two sizes
     heads, d = 16, 64

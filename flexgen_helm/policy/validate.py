@@ -148,7 +148,7 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
             eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
             engines.append((eng, time.perf_counter() - t0, [], {"gpu": 0, "cpu": 0, "disk": 0}))
         for r in range(repeat):
-            for i, e in enumerate(engines):
+            for e in engines:
                 if isinstance(e, ConfigError):
                     continue
                 eng, _, runs, peak = e
