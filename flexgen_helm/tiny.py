@@ -1,6 +1,7 @@
-"""Build small OPT checkpoints offline: random weights from `transformers` and a byte-level BPE
-tokenizer trained here with `tokenizers`, saved in the standard HF layout, so that the loading code
-real checkpoints go through is the code that runs on them (demo and tests)."""
+"""Build small checkpoints of every supported family offline: random weights from `transformers`'
+own model classes and a byte-level BPE tokenizer trained here with `tokenizers`, saved in the
+standard HF layout, so that the loading code real checkpoints go through is the code that runs on
+them (demo and tests)."""
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ class TinyOPT:
     seed: int = 0
 
 
-def train_tokenizer(out_dir: str, vocab_size: int) -> int:
-    """OPT-style ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3; </s> is prepended like OPT's.
+def train_tokenizer(out_dir: str, vocab_size: int, bos: str | None = "</s>") -> int:
+    """Ids <s>=0, <pad>=1, </s>=2 (eos), <unk>=3. `bos` is prepended to every prompt: "</s>" like
+    OPT's tokenizer, "<s>" like Llama's and Mistral's, None like Qwen's (no BOS).
     Returns the size of the learned vocabulary (at most vocab_size: the corpus may run out of merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -48,10 +50,11 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> int:
         vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok, bos_token=bos, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         padding_side="left", model_max_length=2048)
     fast.save_pretrained(out_dir)
     return tok.get_vocab_size()
@@ -100,3 +103,72 @@ def default_model_dir(root: str = ".cache") -> str:
     if not os.path.exists(os.path.join(out, "tokenizer.json")):
         build_tiny_checkpoint(out, TinyOPT(num_layers=4, hidden=128, num_heads=4, ffn=512, vocab_size=1024))
     return out
+
+
+# Tiny configs of the other families: GQA, a sliding window shorter than test prompts, tied and
+# untied heads, biases, q/k norms, head_dim != hidden/heads and llama3 rope scaling all occur.
+TINY_FAMILIES: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64},
+                  tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "llama-tied": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=1, intermediate_size=96, head_dim=16, attention_bias=True,
+                       mlp_bias=True, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}),
+    "mistral": dict(model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, sliding_window=5, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 32}, max_position_embeddings=128),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=128, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+_BOS = {"llama": "<s>", "mistral": "<s>", "qwen2": None, "qwen3": None}
+
+
+def build_tiny_family(out_dir: str, variant: str, *, seed: int = 0, tokenizer: bool = True, vocab_size: int = 512,
+                      legacy_rope_keys: bool = False, **overrides) -> str:
+    """A random checkpoint of TINY_FAMILIES[variant] saved by transformers itself (safetensors).
+
+    Norm weights are drawn far from 1 so a missing or misplaced norm cannot go unnoticed.
+    legacy_rope_keys rewrites config.json with `rope_theta` + `rope_scaling`, as older hub files are.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {**TINY_FAMILIES[variant], **overrides}
+    model_type = cfg.pop("model_type")
+    os.makedirs(out_dir, exist_ok=True)
+    bos = _BOS[model_type]
+    vocab = train_tokenizer(out_dir, vocab_size, bos=bos) if tokenizer else vocab_size
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=1, eos_token_id=2,
+                                  bos_token_id=0 if bos == "<s>" else None, attention_dropout=0.0, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+            elif "norm" in name:
+                p.uniform_(0.3, 2.5)
+            else:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if legacy_rope_keys:
+        path = os.path.join(out_dir, "config.json")
+        with open(path) as f:
+            saved = json.load(f)
+        rp = dict(saved.pop("rope_parameters"))
+        saved["rope_theta"] = rp.pop("rope_theta")
+        if rp.get("rope_type", "default") != "default":
+            rp["type"] = rp.pop("rope_type")
+            saved["rope_scaling"] = rp
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=2)
+    return out_dir

@@ -252,25 +252,29 @@ def test_fake_quantize_model_changes_matrices_only(hf_opt):
 
 
 def test_fake_quantized_kv_cache_hooks(hf_opt):
+    from transformers.integrations import sdpa_attention
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
     attn = hf_opt.model.decoder.layers[0].self_attn
     seen: dict[str, torch.Tensor] = {}
-    # hooks run in registration order, each seeing the output the previous one returned
     raw = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("raw", o))
+    real_sdpa = sdpa_attention.sdpa_attention_forward
     with torch.no_grad():
         base = hf_opt(ids).logits
-        handles = C.fake_quantize_kv_cache(hf_opt, CompressionConfig(2, 64, -1))
-        probe = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("q", o))
-        q = hf_opt(ids).logits
-        for h in (raw, probe, *handles):
+        try:  # what attention is handed, after the fake quantization
+            sdpa_attention.sdpa_attention_forward = lambda m, q, k, v, *a, **kw: (
+                seen.setdefault("v", v), real_sdpa(m, q, k, v, *a, **kw))[1]
+            handles = C.fake_quantize_kv_cache(hf_opt, CompressionConfig(2, 64, -1))
+            q = hf_opt(ids).logits
+        finally:
+            sdpa_attention.sdpa_attention_forward = real_sdpa
+        for h in (raw, *handles):
             h.remove()
         after = hf_opt(ids).logits
-    assert len(handles) == 4  # k and v of 2 layers
     assert torch.isfinite(q).all() and not torch.allclose(q, base)
-    assert torch.equal(after, base)  # hooks removed: the model is untouched
-    # what attention saw: the projection fake-quantized in groups along head_dim (16 < 64: one group)
-    v = seen["raw"].view(2, 20, 4, 16)
-    assert torch.equal(seen["q"], C.fake_quantize(v, CompressionConfig(2, 64, -1)).view(2, 20, 64))
+    assert torch.equal(after, base)  # removed: the model is untouched
+    # the values of layer 0 in groups along head_dim (16 < 64: one group), as the engine caches them
+    v = seen["raw"].view(2, 20, 4, 16).transpose(1, 2)
+    assert torch.equal(seen["v"], C.fake_quantize(v, CompressionConfig(2, 64, -1)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -308,28 +308,31 @@ def kivi_fake_quantize_keys(k: torch.Tensor, cfg: CompressionConfig, token_dim: 
 
 
 def fake_quantize_kv_cache(model: torch.nn.Module, cfg: CompressionConfig,
-                           kivi_keys: bool = False) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hook every attention block (modules with k_proj, v_proj, num_heads, head_dim: HF OPTAttention)
-    so that the keys and values it attends to, and caches, are fake-quantized.
+                           kivi_keys: bool = False) -> list:
+    """Make a transformers model attend to fake-quantized keys and values, of any family.
 
-    The projections' outputs are viewed as (batch, tokens, heads, head_dim) and quantized with `cfg`
-    (group_dim=-1: along head_dim, FlexGen's choice), or, for keys with kivi_keys, per channel along
-    the tokens (`kivi_fake_quantize_keys`). Every token attends to quantized K/V, its own included,
-    in prefill and in decode alike. Remove with `[h.remove() for h in handles]`.
+    A registered attention function quantizes the K/V it is handed (after RoPE and q/k norms, as
+    they enter the engine's cache) with `cfg` (group_dim=-1: along head_dim, FlexGen's choice), or,
+    for keys with kivi_keys, per channel along the tokens (`kivi_fake_quantize_keys`), then runs
+    SDPA. It sees the whole cache every step; values already on the grid quantize to themselves, so
+    every token's K/V is quantized exactly once in effect. Remove with `[h.remove() for h in handles]`.
     """
-    handles = []
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def hook(module, heads: int, head_dim: int, per_channel: bool):
-        def fn(_mod, _inp, out: torch.Tensor) -> torch.Tensor:
-            v = out.view(*out.shape[:-1], heads, head_dim)
-            v = kivi_fake_quantize_keys(v, cfg, token_dim=-3) if per_channel else fake_quantize(v, cfg)
-            return v.reshape(out.shape)
-        return module.register_forward_hook(fn)
+    if not hasattr(model, "set_attn_implementation"):
+        raise ConfigError("fake_quantize_kv_cache needs a transformers model (set_attn_implementation)")
+    previous = model.config._attn_implementation
 
-    for mod in model.modules():
-        if all(hasattr(mod, a) for a in ("k_proj", "v_proj", "num_heads", "head_dim")):
-            handles.append(hook(mod.k_proj, mod.num_heads, mod.head_dim, kivi_keys))
-            handles.append(hook(mod.v_proj, mod.num_heads, mod.head_dim, False))
-    if not handles:
-        raise ConfigError("found no attention blocks (k_proj/v_proj) to quantize the KV cache of")
-    return handles
+    def attention(module, query, key, value, *args, **kwargs):
+        key = kivi_fake_quantize_keys(key, cfg, token_dim=-2) if kivi_keys else fake_quantize(key, cfg)
+        return sdpa_attention_forward(module, query, key, fake_quantize(value, cfg), *args, **kwargs)
+
+    name = f"flexgen_fake_quantized_kv_{id(model)}"
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+
+    class _Restore:
+        def remove(self) -> None:
+            model.set_attn_implementation(previous)
+    return [_Restore()]

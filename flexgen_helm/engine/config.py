@@ -13,6 +13,12 @@ class ConfigError(ValueError):
     """A configuration the engine cannot run; the message says what to change."""
 
 
+def default_dtype(device: str) -> str:
+    """The compute dtype when none is given: fp16 on CUDA; bf16 on the CPU (its AVX-512/AMX
+    fast path; fp16 matmuls are slow there). The one place this default lives."""
+    return "float16" if str(device).startswith("cuda") else "bfloat16"
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """Group-wise min-max quantization (FlexGen default: 4 bits, groups of 64).
@@ -110,6 +116,18 @@ class Policy:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The one text form of a policy, for logs and tables:
+        '48x3 w 20/80/0 kv 0/100/0 act 0/100/0 cpu-attn w4 kv4' = gpu_batch_size x num_gpu_batches,
+        then gpu/cpu/disk percent of weights, KV cache and activations, then the flags that are on."""
+        def split(kind: str) -> str:
+            return "/".join(f"{round(100 * f, 2):g}" for f in self.fractions(kind))
+        flags = [name for name, on in (("cpu-attn", self.cpu_cache_compute),
+                                       (f"w{self.comp_weight_config.num_bits}", self.compress_weight),
+                                       (f"kv{self.comp_cache_config.num_bits}", self.compress_cache)) if on]
+        return " ".join([f"{self.gpu_batch_size}x{self.num_gpu_batches}", "w", split("w"), "kv", split("cache"),
+                         "act", split("act"), *flags])
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":

@@ -1,4 +1,4 @@
-"""`Engine`: load an OPT model under a `Policy` and generate. Glue and input checks; the work is
+"""`Engine`: load a model of any supported family under a concrete `Policy` and generate. Glue and input checks; the work is
 in weight_store (tiers), scheduler (block schedule) and layers (math)."""
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, MemoryBudget, Policy
+from .config import ConfigError, MemoryBudget, Policy, default_dtype
 from .model_spec import ModelSpec, load_spec
 from .placement import act_tier, memory_plan, workspace_nbytes
+from .rope import Rotary
 from .sampling import SamplingParams
 from .scheduler import BlockTiming, MicroBatch, run_block
 from .tiers import Tiers
 from .weight_store import WeightStore
-from .weights import CheckpointReader, DummyReader, resolve_checkpoint
+from .weights import CheckpointReader, DummyReader, check_checkpoint, resolve_checkpoint
 
 
 @dataclass
@@ -52,6 +53,15 @@ def _check_policy(policy: Policy) -> None:
                           "set act_gpu_percent or act_cpu_percent to 100")
 
 
+def resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA GPU is visible; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda[:i], got {device!r}")
+    return dev
+
+
 class Engine:
     def __init__(self, spec: ModelSpec, policy: Policy, reader, device: torch.device, dtype: torch.dtype,
                  offload_dir: str | None, budget: MemoryBudget, model_name: str):
@@ -61,6 +71,7 @@ class Engine:
         self._own_dir = tempfile.mkdtemp(prefix="flexgen-", dir=offload_dir) if offload_dir else None
         self.tiers = Tiers(device, self._own_dir, budget.gpu, budget.cpu, budget.disk, pin_memory=policy.pin_weight)
         self.act_home = act_tier(policy)
+        self.rotary = Rotary(spec.rope, spec.head_dim) if spec.positions == "rotary" else None
         self.block_counter = 0
         self.closed = False
         try:
@@ -71,17 +82,17 @@ class Engine:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str, policy: Policy | str = "auto", device: str = "cpu",
-                        dtype: torch.dtype | None = None, offload_dir: str | None = None,
-                        budget: MemoryBudget | None = None, prompt_len: int = 512, gen_len: int = 32,
-                        allow_compression: bool = False) -> "Engine":
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device cuda was asked for but no CUDA GPU is visible; use device='cpu'")
-        if dev.type not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu or cuda[:i], got {device!r}")
-        if dtype is None:
-            dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16  # bf16: AMX/AVX-512 fast path on CPU
+    def from_pretrained(cls, model: str, policy: Policy, device: str = "cpu", dtype: torch.dtype | None = None,
+                        offload_dir: str | None = None, budget: MemoryBudget | None = None, prompt_len: int = 512,
+                        gen_len: int = 32) -> "Engine":
+        """`model`: a checkpoint directory, a hub id, or `dummy:NAME`. `policy` is concrete; the policy
+        search ("auto") is resolved one level up, by flexgen_helm.load_engine. Everything is checked
+        (device, budget, offload directory, checkpoint names and shapes) before a byte is written."""
+        if not isinstance(policy, Policy):
+            raise ConfigError(f"Engine takes a concrete Policy, got {policy!r}; for the policy search use "
+                              "flexgen_helm.load_engine(model, policy='auto', ...)")
+        dev = resolve_device(device)
+        dtype = dtype or getattr(torch, default_dtype(dev.type))
         budget = budget or MemoryBudget()
         if dev.type == "cuda" and budget.gpu is None:
             budget = MemoryBudget(torch.cuda.get_device_properties(dev).total_memory * 9 // 10, budget.cpu, budget.disk)
@@ -89,12 +100,6 @@ class Engine:
         if offload_dir is not None and not os.path.isdir(offload_dir):
             raise ConfigError(f"offload directory {offload_dir} does not exist; create it first")
         es = torch.empty(0, dtype=dtype).element_size()
-        if isinstance(policy, str):
-            if policy != "auto":
-                raise ConfigError(f"policy must be a Policy or 'auto', got {policy!r}")
-            from ..policy.search import auto_policy
-            policy = auto_policy(spec, prompt_len=prompt_len, gen_len=gen_len, budget=budget, device=dev.type,
-                                 dtype_bytes=es, allow_compression=allow_compression)
         _check_policy(policy)
         plan = memory_plan(spec, policy, min(prompt_len, spec.max_positions), gen_len, es,
                            device_is_cuda=dev.type == "cuda")
@@ -112,7 +117,8 @@ class Engine:
         else:  # a hub id is checked against its public shape above, then downloaded and read for real
             path = resolve_checkpoint(model)
             spec = load_spec(path)
-            reader = CheckpointReader(path)
+            reader = CheckpointReader(path, spec)
+            check_checkpoint(reader, spec)
         return cls(spec, policy, reader, dev, dtype, offload_dir, budget, model)
 
     @property
@@ -192,7 +198,7 @@ class Engine:
         if not isinstance(input_ids, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in input_ids):
             raise ConfigError("input_ids must be a list of token-id lists")
         if any(len(p) == 0 for p in input_ids):
-            raise ConfigError("every prompt needs at least one token (OPT prompts start with </s>)")
+            raise ConfigError("every prompt needs at least one token (tokenizers that add BOS give one)")
         V = self.spec.vocab_size
         for i, p in enumerate(input_ids):
             if len(p) + max_new > self.spec.max_positions:

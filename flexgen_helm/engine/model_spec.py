@@ -1,157 +1,237 @@
-"""OPT shapes, from a HF `config.json` or a public model name, and the byte/FLOP counts
-that placement, the policy search and the benchmarks share."""
+"""`ModelSpec`: everything that differs between the decoder families the engine runs, read from a
+checkpoint's `config.json` (or a public size for `dummy:` weights), and the one place where tensor
+shapes, bytes and FLOPs are counted. Placement, the memory plan, the policy search, the profiler,
+bench and prod-env all count through it.
+
+A family's knowledge lives in `engine/families/<family>.py`: its HF tensor names, public sizes,
+tokenizer defaults and config quirks. The math is one decoder block (`layers.py`) parameterized
+by this spec.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 from dataclasses import dataclass, replace
 
 from .config import ConfigError
+from .rope import RopeSpec
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One weight of a scheduling layer: its role inside the layer (what layers.py reads), its
+    name in the checkpoint (without a `model.` prefix) and its shape."""
+
+    role: str
+    name: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
+    family: str  # a key of engine/families.FAMILIES
     num_layers: int
     hidden: int
     num_heads: int
+    num_kv_heads: int  # GQA/MQA: the KV cache is num_kv_heads * head_dim wide
+    head_dim: int  # may differ from hidden / num_heads (Qwen3)
     ffn: int
     vocab_size: int
     max_positions: int = 2048
-    word_embed_proj_dim: int | None = None  # opt-350m: 512, projected to/from `hidden`
-    do_layer_norm_before: bool = True  # False only for opt-350m (post-LN)
-    enable_bias: bool = True
-    layer_norm_elementwise_affine: bool = True
+    norm: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm)
+    norm_eps: float = 1e-5
+    norm_affine: bool = True  # LayerNorm weight (+ bias) present
+    post_norm: bool = False  # OPT-350m: norms after the residual add
+    mlp: str = "relu"  # "relu" / "gelu" (fc1 -> fc2) or "silu_gated" (down(silu(gate) * up))
+    positions: str = "learned"  # "learned" (OPT's table) or "rotary"
+    position_offset: int = 2  # OPT's learned table starts at row 2
+    rope: RopeSpec | None = None
+    qkv_bias: bool = True
+    o_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # a query sees the last `sliding_window` positions
+    window_layers: tuple[int, ...] | None = None  # layers with the window (None: all, when set)
+    tie_embeddings: bool = True
+    embed_proj_dim: int | None = None  # OPT-350m: token embeddings of 512, projected to/from `hidden`
     pad_token_id: int = 1
-    bos_token_id: int = 2
-    eos_token_id: int = 2
+    bos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] = 2
 
     def __post_init__(self) -> None:
-        if self.hidden % self.num_heads:
-            raise ConfigError(f"hidden size {self.hidden} is not divisible by {self.num_heads} heads")
+        from .families import FAMILIES
+        if self.family not in FAMILIES:
+            raise ConfigError(f"{self.name}: unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        for key in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "ffn", "vocab_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{self.name}: {key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{self.name}: {self.num_heads} attention heads are not a multiple of "
+                              f"{self.num_kv_heads} key/value heads")
+        if self.positions == "rotary" and (self.rope is None or self.head_dim % 2):
+            raise ConfigError(f"{self.name}: rotary positions need rope settings and an even head_dim")
+        if self.norm not in ("layer", "rms") or self.mlp not in ("relu", "gelu", "silu_gated"):
+            raise ConfigError(f"{self.name}: unsupported norm {self.norm!r} or MLP {self.mlp!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.num_heads
-
+    # ---- derived shapes ---------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return self.word_embed_proj_dim or self.hidden
+        """Width of the token embedding and LM head (hidden unless OPT-350m's projections)."""
+        return self.embed_proj_dim or self.hidden
 
     @property
     def has_projections(self) -> bool:
         return self.embed_dim != self.hidden
 
     @property
-    def has_final_layer_norm(self) -> bool:
-        return self.do_layer_norm_before
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
 
-    # ---- element counts -------------------------------------------------
-    def layer_params(self) -> int:
-        h, f = self.hidden, self.ffn
-        b = 1 if self.enable_bias else 0
-        attn = 4 * h * h + 4 * h * b
-        mlp = 2 * h * f + (f + h) * b
-        norms = 4 * h if self.layer_norm_elementwise_affine else 0
-        return attn + mlp + norms
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
 
-    def embed_params(self) -> int:
-        """Token + position embeddings (+ project_in)."""
-        n = self.vocab_size * self.embed_dim + (self.max_positions + 2) * self.hidden
-        return n + (self.embed_dim * self.hidden if self.has_projections else 0)
+    @property
+    def has_final_norm(self) -> bool:
+        return not self.post_norm
 
-    def head_params(self) -> int:
-        """Final norm (+ project_out) + the LM head (tied to the token embedding, stored again)."""
-        n = self.vocab_size * self.embed_dim
-        n += 2 * self.hidden if self.has_final_layer_norm else 0
-        return n + (self.embed_dim * self.hidden if self.has_projections else 0)
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of decoder layer `layer` (0-based), or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        return self.sliding_window if self.window_layers is None or layer in self.window_layers else None
+
+    # ---- tensors of each scheduling layer: 0 = embeddings, 1..L = decoders, L+1 = head --------
+    def layer_tensors(self, j: int) -> list[TensorRef]:
+        from .families import FAMILIES
+        names = FAMILIES[self.family].tensor_names
+        h, e, f = self.hidden, self.embed_dim, self.ffn
+        out: list[tuple[str, tuple[int, ...]]] = []
+        L = self.num_layers
+        if j == 0:
+            out.append(("tok_embed.weight", (self.vocab_size, e)))
+            if self.positions == "learned":
+                out.append(("pos_embed.weight", (self.max_positions + self.position_offset, h)))
+            if self.has_projections:
+                out.append(("project_in.weight", (h, e)))
+        elif j == L + 1:
+            if self.has_final_norm:
+                out += self._norm("final_norm", h)
+            if self.has_projections:
+                out.append(("project_out.weight", (e, h)))
+            out.append(("lm_head.weight", (self.vocab_size, e)))
+        elif 1 <= j <= L:
+            out += self._norm("attn_norm", h)
+            for role, rows in (("q", self.q_width), ("k", self.kv_width), ("v", self.kv_width)):
+                out.append((f"{role}.weight", (rows, h)))
+                if self.qkv_bias:
+                    out.append((f"{role}.bias", (rows,)))
+            if self.qk_norm:
+                out += [("q_norm.weight", (self.head_dim,)), ("k_norm.weight", (self.head_dim,))]
+            out.append(("o.weight", (h, self.q_width)))
+            if self.o_bias:
+                out.append(("o.bias", (h,)))
+            out += self._norm("mlp_norm", h)
+            ins = ("gate", "up") if self.mlp == "silu_gated" else ("fc1",)
+            for role in ins:
+                out.append((f"{role}.weight", (f, h)))
+                if self.mlp_bias:
+                    out.append((f"{role}.bias", (f,)))
+            down = "down" if self.mlp == "silu_gated" else "fc2"
+            out.append((f"{down}.weight", (h, f)))
+            if self.mlp_bias:
+                out.append((f"{down}.bias", (h,)))
+        else:
+            raise IndexError(f"scheduling layer {j} out of range 0..{L + 1}")
+        refs = []
+        for role, shape in out:
+            module, _, kind = role.rpartition(".")
+            refs.append(TensorRef(role, names[module].format(i=j - 1) + "." + kind, shape))
+        return refs
+
+    def _norm(self, role: str, width: int) -> list[tuple[str, tuple[int, ...]]]:
+        if self.norm == "rms":
+            return [(f"{role}.weight", (width,))]
+        return [(f"{role}.weight", (width,)), (f"{role}.bias", (width,))] if self.norm_affine else []
+
+    # ---- element, byte and FLOP counts -------------------------------------------------------
+    def layer_params(self, j: int = 1) -> int:
+        """Elements stored in scheduling layer j (the LM head counts even when tied: it is stored again)."""
+        return sum(math.prod(t.shape) for t in self.layer_tensors(j))
 
     def num_params(self) -> int:
-        """Distinct parameters (the LM head is tied to the token embedding)."""
-        return self.embed_params() + self.num_layers * self.layer_params() + self.head_params() \
-            - self.vocab_size * self.embed_dim
+        """Distinct parameters, as the model card counts them (a tied head counts once)."""
+        n = self.layer_params(0) + self.num_layers * self.layer_params(1) + self.layer_params(self.num_layers + 1)
+        return n - (self.vocab_size * self.embed_dim if self.tie_embeddings else 0)
 
     def weight_bytes(self, dtype_bytes: int = 2) -> int:
         return self.num_params() * dtype_bytes
 
-    def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 2) -> int:
-        """K and V for every layer."""
-        return 2 * batch * seq_len * self.num_layers * self.hidden * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V of one position in one layer: 2 x kv_heads x head_dim elements."""
+        return 2 * self.kv_width * dtype_bytes
 
-    def hidden_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 2) -> int:
-        return batch * seq_len * self.hidden * dtype_bytes
+    def layer_matmul_flops(self, tokens: float) -> float:
+        """Projection and MLP FLOPs of one decoder layer for `tokens` new tokens (attention excluded)."""
+        per_token = self.q_width * self.hidden * 2 + 2 * self.kv_width * self.hidden \
+            + (3 if self.mlp == "silu_gated" else 2) * self.hidden * self.ffn
+        return 2.0 * tokens * per_token
 
-    def layer_flops(self, batch: int, new_tokens: int, context: int) -> float:
-        """Matmul FLOPs of one decoder layer for `new_tokens` per row attending to `context` keys."""
-        t = batch * new_tokens
-        proj = 2 * t * (4 * self.hidden * self.hidden + 2 * self.hidden * self.ffn)
-        attn = 2 * 2 * t * context * self.hidden
-        return float(proj + attn)
+    def attention_flops(self, tokens: float, context: float) -> float:
+        """QK^T and PV FLOPs of one layer: `tokens` queries against `context` keys each."""
+        return 4.0 * tokens * context * self.q_width
 
-    def with_max_positions(self, n: int) -> "ModelSpec":
-        return replace(self, max_positions=n)
+    def head_flops(self, rows: float) -> float:
+        """LM head (+ OPT-350m's output projection) FLOPs for `rows` positions."""
+        return 2.0 * rows * (self.vocab_size * self.embed_dim + (self.embed_dim * self.hidden if self.has_projections else 0))
+
+    def embed_flops(self, tokens: float) -> float:
+        return 2.0 * tokens * self.embed_dim * self.hidden if self.has_projections else 0.0
+
+    def step_matmul_flops(self, tokens: float) -> float:
+        """Matmul FLOPs of one whole step over `tokens` (every layer, head on each position)."""
+        return self.num_layers * self.layer_matmul_flops(tokens) + self.head_flops(tokens) + self.embed_flops(tokens)
+
+    def probe(self, num_layers: int = 1, max_positions: int | None = None) -> "ModelSpec":
+        """The same layer shape with fewer layers (profiling)."""
+        return replace(self, name=f"{self.name}-probe", num_layers=num_layers,
+                       max_positions=max_positions or self.max_positions, window_layers=None)
 
 
-# (layers, hidden, heads, ffn); vocab 50272 and 2048 positions for all public sizes.
-_PUBLIC = {
-    "opt-125m": (12, 768, 12, 3072),
-    "opt-350m": (24, 1024, 16, 4096),
-    "opt-1.3b": (24, 2048, 32, 8192),
-    "opt-2.7b": (32, 2560, 32, 10240),
-    "opt-6.7b": (32, 4096, 32, 16384),
-    "opt-13b": (40, 5120, 40, 20480),
-    "opt-30b": (48, 7168, 56, 28672),
-    "opt-66b": (64, 9216, 72, 36864),
-    "opt-175b": (96, 12288, 96, 49152),
-}
+# ---- reading specs ---------------------------------------------------------------------------
+def spec_from_config(config: dict, name: str = "model") -> ModelSpec:
+    from .families import family_for_config
+    return family_for_config(config, name).spec(config, name)
 
 
 def spec_from_name(name: str) -> ModelSpec:
-    """`opt-30b`, `facebook/opt-iml-30b`, `opt-iml-max-1.3b`, ... -> ModelSpec."""
-    base = name.split("/")[-1].lower()
-    key = re.sub(r"-iml(-max)?", "", base)
-    if key not in _PUBLIC:
-        raise ConfigError(
-            f"unknown OPT model {name!r}: use one of {', '.join(_PUBLIC)} (optionally -iml / -iml-max), "
-            "or a directory with a HF config.json")
-    layers, hidden, heads, ffn = _PUBLIC[key]
-    if key == "opt-350m":
-        return ModelSpec(base, layers, hidden, heads, ffn, 50272, word_embed_proj_dim=512,
-                         do_layer_norm_before=False)
-    return ModelSpec(base, layers, hidden, heads, ffn, 50272)
+    """A public size (`opt-30b`, `llama-3.1-8b`, `facebook/opt-iml-30b`, `Qwen/Qwen2.5-7B`, ...)."""
+    from .families import public_config
+    cfg = public_config(name)
+    return spec_from_config(cfg, name.split("/")[-1].lower())
 
 
-def spec_from_config(config: dict, name: str = "opt") -> ModelSpec:
-    if config.get("model_type", "opt") != "opt":
-        raise ConfigError(f"{name}: model_type {config.get('model_type')!r} is not OPT; only OPT models run here")
-    hidden = config["hidden_size"]
-    return ModelSpec(
-        name=name,
-        num_layers=config["num_hidden_layers"],
-        hidden=hidden,
-        num_heads=config["num_attention_heads"],
-        ffn=config["ffn_dim"],
-        vocab_size=config["vocab_size"],
-        max_positions=config.get("max_position_embeddings", 2048),
-        word_embed_proj_dim=config.get("word_embed_proj_dim") or hidden,
-        do_layer_norm_before=config.get("do_layer_norm_before", True),
-        enable_bias=config.get("enable_bias", True),
-        layer_norm_elementwise_affine=config.get("layer_norm_elementwise_affine", True),
-        pad_token_id=config.get("pad_token_id", 1) if config.get("pad_token_id") is not None else 1,
-        bos_token_id=config.get("bos_token_id", 2),
-        eos_token_id=config.get("eos_token_id", 2),
-    )
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{directory} is a directory without config.json; point at a HF checkpoint directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}; re-download or re-save the checkpoint") from e
 
 
 def load_spec(model: str) -> ModelSpec:
-    """A checkpoint directory, `dummy:opt-XXX`, or a public name/hub id."""
+    """A checkpoint directory, `dummy:NAME`, or a public name/hub id."""
     if model.startswith("dummy:"):
         return spec_from_name(model[len("dummy:"):])
-    cfg = os.path.join(model, "config.json")
     if os.path.isdir(model):
-        if not os.path.exists(cfg):
-            raise ConfigError(f"{model} is a directory without config.json; point at a HF OPT checkpoint directory")
-        with open(cfg) as f:
-            return spec_from_config(json.load(f), name=os.path.basename(os.path.normpath(model)))
+        return spec_from_config(read_config(model), name=os.path.basename(os.path.normpath(model)))
     return spec_from_name(model)

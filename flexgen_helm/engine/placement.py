@@ -21,7 +21,8 @@ TENSOR_ALIGN = 64  # every tensor starts 64-byte aligned inside its layer buffer
 class Slot:
     """One stored tensor inside a layer buffer. kind: "dense" or "compressed"."""
 
-    name: str
+    role: str  # what layers.py calls it
+    name: str  # its checkpoint name
     shape: tuple[int, ...]
     kind: str
     offset: int
@@ -33,7 +34,6 @@ class LayerLayout:
     slots: tuple[Slot, ...]
     nbytes: int  # stored bytes (compressed where compressed)
     dense_nbytes: int  # bytes once dequantized to the compute dtype
-    compressed: tuple[str, ...]  # names of tensors stored compressed
 
     def segments(self, policy: Policy) -> tuple[int, int, int]:
         """Byte lengths on (gpu, cpu, disk); the disk part starts 4 KB aligned for O_DIRECT."""
@@ -48,67 +48,29 @@ def _round_to(x: float, a: int) -> int:
     return int(round(x / a)) * a
 
 
-def layer_tensors(spec: ModelSpec, j: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Names (HF, without the `model.` prefix) and shapes of scheduling layer j:
-    0 = embeddings, 1..L = decoder layers, L+1 = final norm + LM head."""
-    h, e, f = spec.hidden, spec.embed_dim, spec.ffn
-    L = spec.num_layers
-    if j == 0:
-        out = [("decoder.embed_tokens.weight", (spec.vocab_size, e)),
-               ("decoder.embed_positions.weight", (spec.max_positions + 2, h))]
-        if spec.has_projections:
-            out.append(("decoder.project_in.weight", (h, e)))
-        return out
-    if j == L + 1:
-        out = []
-        if spec.has_final_layer_norm:
-            out += [("decoder.final_layer_norm.weight", (h,)), ("decoder.final_layer_norm.bias", (h,))]
-        if spec.has_projections:
-            out.append(("decoder.project_out.weight", (e, h)))
-        out.append(("lm_head.weight", (spec.vocab_size, e)))
-        return out
-    p = f"decoder.layers.{j - 1}."
-    out = []
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        out.append((p + f"self_attn.{proj}.weight", (h, h)))
-        if spec.enable_bias:
-            out.append((p + f"self_attn.{proj}.bias", (h,)))
-    if spec.layer_norm_elementwise_affine:
-        out += [(p + "self_attn_layer_norm.weight", (h,)), (p + "self_attn_layer_norm.bias", (h,))]
-    out.append((p + "fc1.weight", (f, h)))
-    if spec.enable_bias:
-        out.append((p + "fc1.bias", (f,)))
-    out.append((p + "fc2.weight", (h, f)))
-    if spec.enable_bias:
-        out.append((p + "fc2.bias", (h,)))
-    if spec.layer_norm_elementwise_affine:
-        out += [(p + "final_layer_norm.weight", (h,)), (p + "final_layer_norm.bias", (h,))]
-    return out
-
-
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy) -> LayerLayout:
-    slots, off, dense, comp = [], 0, 0, []
+    slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
-    for name, shape in layer_tensors(spec, j):
+    for ref in spec.layer_tensors(j):
+        shape = ref.shape
         n = math.prod(shape) * dtype_bytes
         dense += n
         if policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             from . import compression
             nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer
-            slots.append(Slot(name, shape, "compressed", off, nb))
+            slots.append(Slot(ref.role, ref.name, shape, "compressed", off, nb))
             off = align_up(off + nb, TENSOR_ALIGN)
-            comp.append(name)
         else:
-            slots.append(Slot(name, shape, "dense", off, n))
+            slots.append(Slot(ref.role, ref.name, shape, "dense", off, n))
             off = align_up(off + n, TENSOR_ALIGN)
-    return LayerLayout(tuple(slots), off, dense, tuple(comp))
+    return LayerLayout(tuple(slots), off, dense)
 
 
 def cache_block_nbytes(spec: ModelSpec, rows: int, capacity: int, dtype_bytes: int, policy: Policy) -> int:
     """K and V of one (layer, micro-batch) block with room for `capacity` positions."""
     from .kv_cache import block_nbytes
     cfg = policy.comp_cache_config if policy.compress_cache else None
-    return block_nbytes(rows, spec.num_heads, capacity, spec.head_dim, dtype_bytes, cfg)
+    return block_nbytes(rows, spec.num_kv_heads, capacity, spec.head_dim, dtype_bytes, cfg)
 
 
 def cache_block_tiers(spec: ModelSpec, policy: Policy, num_micro_batches: int) -> list[list[str]]:
@@ -136,7 +98,8 @@ def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, voc
     """Compute-tier scratch for one micro-batch step: activations, q/k/v, MLP intermediate,
     attention scores (the math SDPA path can materialise them) and fp32 logits."""
     h = spec.hidden
-    acts = rows * seq * (6 * h + spec.ffn) * dtype_bytes
+    mlp = (2 if spec.mlp == "silu_gated" else 1) * spec.ffn
+    acts = rows * seq * (2 * h + 2 * spec.q_width + 2 * spec.kv_width + mlp) * dtype_bytes
     scores = rows * spec.num_heads * seq * seq * 4 if seq > 1 else rows * spec.num_heads * 4 * 2048
     logits = vocab_rows * spec.vocab_size * 4 * 2
     return acts + scores + logits
@@ -178,7 +141,7 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
         for t in row:
             out[t] += align_up(blk) if t == "disk" else blk
     # decode-time staging (two slots) for blocks attention cannot read in place: see scheduler
-    dense_blk = 2 * rows * capacity * spec.hidden * dtype_bytes
+    dense_blk = rows * capacity * spec.kv_bytes_per_token(dtype_bytes)
     raw = align_up(blk + ALIGN)
     homes = {t for row in tiers for t in row}
     where = {("cpu" if policy.cpu_cache_compute and t != "gpu" else "gpu") for t in homes

@@ -54,8 +54,8 @@ class _CacheStaging:
 
     def __init__(self, engine, where: str, rows: int, capacity: int, es: int, cfg):
         spec = engine.spec
-        dense, raw = staging_nbytes(rows, spec.num_heads, capacity, spec.head_dim, es, cfg)
-        shape = (2, rows, spec.num_heads, capacity, spec.head_dim)
+        dense, raw = staging_nbytes(rows, spec.num_kv_heads, capacity, spec.head_dim, es, cfg)
+        shape = (2, rows, spec.num_kv_heads, capacity, spec.head_dim)
         self.tiers, self.where, self.nbytes = engine.tiers, where, dense + raw
         self.dst = [engine.tiers.alloc(where, dense, "cache staging").view(engine.dtype).view(shape)
                     for _ in range(2)]
@@ -68,122 +68,175 @@ class _CacheStaging:
             self.tiers.free("cpu" if self.tiers.on_cuda else self.where, self.raw[0].numel())
 
 
+@dataclass
+class _PrefixPipeline:
+    """Decode-step cache prefetch: the (layer, micro-batch) pairs whose cached prefix must be staged
+    before attention, in the order the schedule consumes them; pair i loads into slot i % 2."""
+
+    order: list[tuple[int, int]]
+    futures: dict[tuple[int, int], Future] = field(default_factory=dict)
+    slot_of: dict[tuple[int, int], int] = field(default_factory=dict)
+    cursor: int = 0  # index in `order` of the next pair to consume
+
+
+class BlockRun:
+    """Generation for one block of micro-batches, filling each MicroBatch's outputs in place.
+    Steps: `run` -> `_step` (one token) -> `_layer` (one staged layer, every active micro-batch)
+    -> `_embed` / `_decoder` / `_head` (one micro-batch)."""
+
+    def __init__(self, engine, mbs: list[MicroBatch], max_new: int, params: SamplingParams, seed: int,
+                 want_prompt_logprobs: bool, timing: BlockTiming):
+        self.engine, self.mbs, self.max_new, self.params = engine, mbs, max_new, params
+        self.want_prompt_logprobs, self.timing = want_prompt_logprobs, timing
+        self.spec, self.tiers, self.store, self.policy = engine.spec, engine.tiers, engine.weights, engine.policy
+        self.dev, self.dtype = engine.device, engine.dtype
+        self.ccc = self.policy.cpu_cache_compute
+        self.overlap = self.policy.overlap  # False: load, then compute, strictly in turn (ablations)
+        spec, K = self.spec, len(mbs)
+        homes = cache_block_tiers(spec, self.policy, K)
+        cfg = self.policy.comp_cache_config if self.policy.compress_cache else None
+        self.caches = [[CacheBlock(self.tiers, homes[l][k], mbs[k].rows, spec.num_kv_heads,
+                                   mbs[k].prompt_len + max(max_new, 1), spec.head_dim, self.dtype,
+                                   f"kv-{engine.block_counter}-{l}-{k}.bin", cfg)
+                        for k in range(K)] for l in range(spec.num_layers)]
+        engine.block_counter += 1
+        self.staging: dict[str, _CacheStaging] = {}
+        if max_new > 1:
+            es = self.dtype.itemsize
+            for where in {self._where(b) for row in self.caches for b in row if self._needs_stage(b)}:
+                self.staging[where] = _CacheStaging(engine, where, max(m.rows for m in mbs),
+                                                    max(m.prompt_len for m in mbs) + max_new, es, cfg)
+        self.gens = {k: row_generators(seed, mb.row_ids) for k, mb in enumerate(mbs)} \
+            if params.temperature > 0 else {}
+        for mb in mbs:
+            n = mb.rows
+            mb.tokens, mb.logprobs, mb.top = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+            mb.finished = [False] * n
+        self.hidden: list[torch.Tensor | None] = [None] * K  # activations between layers, on act_home
+        self.rotary: list = [None] * K  # cos/sin of each micro-batch's new positions this step
+        self.pending_layer: Future | None = None
+
+    # ---- placement helpers -------------------------------------------------------------------
+    def _where(self, blk: CacheBlock) -> str:
+        """The tier attention runs on for this block."""
+        return "cpu" if self.ccc and blk.tier != "gpu" else "gpu"
+
+    def _needs_stage(self, blk: CacheBlock) -> bool:
+        return blk.staged or self._where(blk) != blk.tier
+
+    def _wait(self, fut: Future):
+        t0 = time.perf_counter()
+        out = fut.result()
+        self.timing.io_wait += time.perf_counter() - t0
+        return out
+
+    # ---- the schedule ------------------------------------------------------------------------
+    def run(self) -> None:
+        self.pending_layer = self.store.submit(0)
+        try:
+            for step in range(max(self.max_new, 1)):
+                t0 = time.perf_counter()
+                if not self._step(step):
+                    break
+                if step == 0:
+                    self.timing.prefill += time.perf_counter() - t0
+                else:
+                    self.timing.decode += time.perf_counter() - t0
+                if self.max_new == 0:
+                    break
+        finally:
+            self.close()
+
+    def _step(self, step: int) -> bool:
+        """One token for every unfinished micro-batch; False when none is left."""
+        active = [k for k, mb in enumerate(self.mbs) if not mb.done]
+        if not active:
+            return False
+        pipe = _PrefixPipeline([(l, k) for l in range(self.spec.num_layers) for k in active
+                                if self._needs_stage(self.caches[l][k])] if step else [])
+        if self.overlap:
+            self._prefetch(pipe, 0, step)
+        for j in range(self.spec.num_layers + 2):
+            self._layer(j, step, active, pipe)
+        return True
+
+    def _layer(self, j: int, step: int, active: list[int], pipe: _PrefixPipeline) -> None:
+        nl = self.spec.num_layers + 2
+        fut = self.pending_layer if self.pending_layer is not None else self.store.submit(j)
+        self.pending_layer = None
+        layer = self._wait(fut)
+        if layer.ready is not None:
+            torch.cuda.current_stream().wait_event(layer.ready)
+        last = step == max(self.max_new, 1) - 1 and j == nl - 1
+        if self.overlap and not last:
+            self.pending_layer = self.store.submit((j + 1) % nl)  # next layer streams in while this one runs
+        w = layer.weights
+        for k in active:
+            if j == 0:
+                self._embed(k, step, w)
+            elif j <= self.spec.num_layers:
+                self._decoder(j - 1, k, step, w, pipe)
+            else:
+                x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
+                _head(self.engine, w, self.mbs[k], x, step, self.max_new, self.params, self.gens.get(k),
+                      self.want_prompt_logprobs)
+        self.store.release(layer.slot)
+
+    def _embed(self, k: int, step: int, w) -> None:
+        mb = self.mbs[k]
+        ids = mb.ids if step == 0 else mb.next_ids
+        m = mb.mask[:, :mb.prompt_len + step]
+        pos = layers.positions_from_mask(m.long())[:, -ids.shape[1]:]
+        if self.engine.rotary is not None:
+            self.rotary[k] = self.engine.rotary.cos_sin(pos, self.dtype)
+        self.hidden[k] = _to_home(layers.embed(w, self.spec, ids, pos), self.engine.act_home)
+
+    def _decoder(self, l: int, k: int, step: int, w, pipe: _PrefixPipeline) -> None:
+        mb, blk = self.mbs[k], self.caches[l][k]
+        x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
+        window = self.spec.layer_window(l)
+        if step == 0:
+            attend = _prefill_attend(blk, mb, window)
+        else:
+            staged = None
+            if self._needs_stage(blk):
+                if not self.overlap:
+                    self._prefetch(pipe, pipe.cursor, step)
+                self._wait(pipe.futures.pop((l, k)))
+                staged = self.staging[self._where(blk)].dst[pipe.slot_of[(l, k)]]
+                pipe.cursor += 1
+                if self.overlap:
+                    self._prefetch(pipe, pipe.cursor, step)  # next block's prefix loads while this one computes
+            attend = _decode_attend(blk, mb, step, staged, self.ccc, self.dev, window)
+        out = layers.decoder_layer(w, self.spec, x, attend, self.rotary[k])
+        self.hidden[k] = _to_home(out, self.engine.act_home)
+
+    def _prefetch(self, pipe: _PrefixPipeline, i: int, step: int) -> None:
+        if i >= len(pipe.order):
+            return
+        l, k = pipe.order[i]
+        pipe.slot_of[(l, k)] = i % 2
+        blk = self.caches[l][k]
+        st = self.staging[self._where(blk)]
+        n_old = self.mbs[k].prompt_len + step - 1
+        pipe.futures[(l, k)] = self.tiers.pool.submit(blk.load, n_old, st.raw[i % 2], st.dst[i % 2],
+                                                      self._where(blk))
+
+    def close(self) -> None:
+        if self.pending_layer is not None and not self.pending_layer.done():
+            self.pending_layer.result()
+        self.pending_layer = None
+        for row in self.caches:
+            for blk in row:
+                blk.close()
+        for st in self.staging.values():
+            st.close()
+
+
 def run_block(engine, mbs: list[MicroBatch], max_new: int, params: SamplingParams, seed: int,
               want_prompt_logprobs: bool, timing: BlockTiming) -> None:
     """Generate for one block of micro-batches, filling each MicroBatch's outputs in place."""
-    spec, tiers, store, policy = engine.spec, engine.tiers, engine.weights, engine.policy
-    dev, dtype = engine.device, engine.dtype
-    L, nl, K = spec.num_layers, spec.num_layers + 2, len(mbs)
-    es = torch.empty(0, dtype=dtype).element_size()
-    homes = cache_block_tiers(spec, policy, K)
-    cfg = policy.comp_cache_config if policy.compress_cache else None
-    caches = [[CacheBlock(tiers, homes[l][k], mbs[k].rows, spec.num_heads, mbs[k].prompt_len + max(max_new, 1),
-                          spec.head_dim, dtype, f"kv-{engine.block_counter}-{l}-{k}.bin", cfg)
-               for k in range(K)] for l in range(L)]
-    engine.block_counter += 1
-    ccc = policy.cpu_cache_compute
-
-    def where(blk: CacheBlock) -> str:  # the tier attention runs on for this block
-        return "cpu" if ccc and blk.tier != "gpu" else "gpu"
-
-    def needs_stage(blk: CacheBlock) -> bool:
-        return blk.staged or where(blk) != blk.tier
-
-    staging: dict[str, _CacheStaging] = {}
-    if max_new > 1:
-        for w_ in {where(b) for row in caches for b in row if needs_stage(b)}:
-            staging[w_] = _CacheStaging(engine, w_, max(m.rows for m in mbs),
-                                        max(m.prompt_len for m in mbs) + max_new, es, cfg)
-    gens = {k: row_generators(seed, mb.row_ids) for k, mb in enumerate(mbs)} if params.temperature > 0 else {}
-    for mb in mbs:
-        n = mb.rows
-        mb.tokens, mb.logprobs, mb.top = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
-        mb.finished = [False] * n
-    hidden: list[torch.Tensor | None] = [None] * K
-    act_home = engine.act_home
-
-    def wait(fut: Future):
-        t0 = time.perf_counter()
-        out = fut.result()
-        timing.io_wait += time.perf_counter() - t0
-        return out
-
-    steps = max(max_new, 1)
-    overlap = policy.overlap  # False: load, then compute, strictly in turn (for ablations)
-    wfut: Future | None = store.submit(0)
-    try:
-        for step in range(steps):
-            t_step = time.perf_counter()
-            active = [k for k in range(K) if not mbs[k].done]
-            if not active:
-                break
-            # decode-step cache pipeline: order of (layer, micro-batch) pairs needing a staged prefix
-            order = [(l, k) for l in range(L) for k in active if needs_stage(caches[l][k])] if step else []
-            cfut: dict[tuple[int, int], Future] = {}
-            slot_of: dict[tuple[int, int], int] = {}
-
-            def prefetch(i: int) -> None:
-                if i < len(order):
-                    l, k = order[i]
-                    slot_of[(l, k)] = i % 2
-                    n_old = mbs[k].prompt_len + step - 1
-                    blk = caches[l][k]
-                    st = staging[where(blk)]
-                    cfut[(l, k)] = tiers.pool.submit(blk.load, n_old, st.raw[i % 2], st.dst[i % 2], where(blk))
-
-            cursor = 0  # index in `order` of the next block to consume
-            if overlap:
-                prefetch(0)
-            for j in range(nl):
-                w = wait(wfut if wfut is not None else store.submit(j))
-                wfut = None
-                if dev.type == "cuda":
-                    torch.cuda.current_stream().wait_event(w["__event__"])
-                last = step == steps - 1 and j == nl - 1
-                if overlap and not last:
-                    wfut = store.submit((j + 1) % nl)  # next layer streams in while this one runs
-                for k in active:
-                    mb = mbs[k]
-                    if j == 0:
-                        ids = mb.ids if step == 0 else mb.next_ids
-                        m = mb.mask[:, :mb.prompt_len + step]
-                        pos = layers.positions_from_mask(m.long())[:, -ids.shape[1]:]
-                        hidden[k] = layers.embed(w, spec, ids, pos)
-                    elif j <= L:
-                        x = _from_home(hidden[k], act_home, dev)
-                        blk = caches[j - 1][k]
-                        if step == 0:
-                            attend = _prefill_attend(blk, mb)
-                        else:
-                            staged = None
-                            if needs_stage(blk):
-                                if not overlap:
-                                    prefetch(cursor)
-                                wait(cfut.pop((j - 1, k)))
-                                staged = staging[where(blk)].dst[slot_of[(j - 1, k)]]
-                                cursor += 1
-                                if overlap:
-                                    prefetch(cursor)  # next block's prefix loads while this one computes
-                            attend = _decode_attend(blk, mb, step, staged, ccc, dev)
-                        hidden[k] = _to_home(layers.decoder_layer(w, spec, x, attend), act_home)
-                    else:
-                        x = _from_home(hidden[k], act_home, dev)
-                        _head(engine, w, mb, x, step, max_new, params, gens.get(k), want_prompt_logprobs)
-                store.release(w["__slot__"])
-            if step == 0:
-                timing.prefill += time.perf_counter() - t_step
-            else:
-                timing.decode += time.perf_counter() - t_step
-            if max_new == 0:
-                break
-    finally:
-        if wfut is not None and not wfut.done():
-            wfut.result()
-        for row in caches:
-            for blk in row:
-                blk.close()
-        for st in staging.values():
-            st.close()
+    BlockRun(engine, mbs, max_new, params, seed, want_prompt_logprobs, timing).run()
 
 
 def _to_home(x: torch.Tensor, home: str) -> torch.Tensor:
@@ -194,21 +247,22 @@ def _from_home(x: torch.Tensor, home: str, dev: torch.device) -> torch.Tensor:
     return x.to(dev, copy=True) if home == "cpu" else x
 
 
-def _prefill_attend(blk: CacheBlock, mb: MicroBatch):
+def _prefill_attend(blk: CacheBlock, mb: MicroBatch, window: int | None):
     def attend(q, k, v):
         k, v = blk.write(0, k, v)
-        return layers.prefill_attention(q, k, v, mb.mask[:, :mb.prompt_len])
+        return layers.prefill_attention(q, k, v, mb.mask[:, :mb.prompt_len], window)
     return attend
 
 
-def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool, dev: torch.device):
+def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool, dev: torch.device,
+                   window: int | None):
     n_old = mb.prompt_len + step - 1  # positions already cached; the new token goes at n_old
 
     def attend(q, k, v):
         on_host = ccc and blk.tier != "gpu"
         if on_host:  # computation delegation: move q/k/v (b*H*d each), not the cache
             q, k, v = q.cpu(), k.cpu(), v.cpu()
-            blk.tiers.count("gpu->cpu", 3 * q.numel() * q.element_size())
+            blk.tiers.count("gpu->cpu", (q.numel() + 2 * k.numel()) * q.element_size())
         k, v = blk.write(n_old, k, v)
         if staged is None:
             k_all, v_all = blk.resident(n_old + 1)
@@ -218,7 +272,7 @@ def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool
             st[1, :, :, n_old:n_old + 1].copy_(v)
             k_all, v_all = st[0, :, :, :n_old + 1], st[1, :, :, :n_old + 1]
         mask = mb.mask[:, :n_old + 1]
-        out = layers.decode_attention(q, k_all, v_all, mask.to(q.device))
+        out = layers.decode_attention(q, k_all, v_all, mask.to(q.device), window)
         if on_host:
             blk.tiers.count("cpu->gpu", out.numel() * out.element_size())
             out = out.to(dev)

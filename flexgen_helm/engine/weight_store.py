@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 
 from .config import Policy
 from .model_spec import ModelSpec
-from .placement import LayerLayout, layer_layout, layer_tensors
+from .placement import LayerLayout, layer_layout
 from .tiers import ALIGN, DiskFile, Tiers, align_up
 from .weights import iter_layer_tensors
 
 
-def _short(name: str) -> str:
-    """HF name -> name inside its scheduling layer: 'decoder.layers.3.fc1.weight' -> 'fc1.weight'."""
-    if name.startswith("decoder.layers."):
-        return name.split(".", 3)[3]
-    return name[len("decoder."):] if name.startswith("decoder.") else name
+@dataclass
+class StagedLayer:
+    """One scheduling layer's weights, ready on the compute device."""
+
+    weights: dict[str, torch.Tensor]  # role -> tensor
+    slot: int  # staging slot to release once every micro-batch used it
+    ready: "torch.cuda.Event | None" = None  # CUDA: the copy stream's event the compute must wait on
 
 
 def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -82,9 +85,9 @@ class WeightStore:
     def _build_flat(self, reader, j: int, lay: LayerLayout) -> torch.Tensor:
         """The layer's bytes on the host, quantized where the policy compresses weights."""
         flat = torch.zeros(lay.nbytes, dtype=torch.uint8)
-        tensors = dict(iter_layer_tensors(reader, layer_tensors(self.spec, j), self.dtype))
+        tensors = {ref.role: t for ref, t in iter_layer_tensors(reader, self.spec.layer_tensors(j), self.dtype)}
         for slot in lay.slots:
-            t = tensors[slot.name]
+            t = tensors[slot.role]
             dst = flat[slot.offset: slot.offset + slot.nbytes]
             if slot.kind == "dense":
                 dst.copy_(t.contiguous().view(-1).view(torch.uint8))
@@ -95,7 +98,7 @@ class WeightStore:
 
     # ---- loading ---------------------------------------------------------------------------
     def submit(self, j: int) -> Future:
-        """Start staging layer j; the future yields {short name: tensor on the compute device}."""
+        """Start staging layer j; the future yields its StagedLayer."""
         with self._lock:
             slot = self._slot
             self._slot ^= 1
@@ -111,7 +114,7 @@ class WeightStore:
             ev.record()
             self.free_events[slot] = ev
 
-    def _load(self, j: int, slot: int) -> dict[str, torch.Tensor]:
+    def _load(self, j: int, slot: int) -> StagedLayer:
         lay = self.layouts[j]
         gb, cb, db = self.segments[j]
         if not self.streamed:
@@ -139,7 +142,7 @@ class WeightStore:
         with ctx:
             for s in lay.slots:
                 if s.kind == "dense":
-                    out[_short(s.name)] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
+                    out[s.role] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
                     continue
                 # compressed: dequantized once per layer per step, shared by every micro-batch
                 from . import compression
@@ -148,14 +151,13 @@ class WeightStore:
                 compression.from_buffer(buf[s.offset:s.offset + s.nbytes], s.shape, self.policy.comp_weight_config,
                                         self.dtype, out=dst)
                 deq_off += n
-                out[_short(s.name)] = dst
+                out[s.role] = dst
+            ready = None
             if self.tiers.on_cuda:
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                out["__event__"] = ev
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
                 self.stream.synchronize()  # the pinned bounce slot may be refilled two layers later
-        out["__slot__"] = slot
-        return out
+        return StagedLayer(out, slot, ready)
 
 
 class _null:

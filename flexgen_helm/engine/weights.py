@@ -1,9 +1,10 @@
-"""Reading OPT checkpoints tensor by tensor, without unpickling untrusted data.
+"""Reading checkpoints tensor by tensor, without unpickling untrusted data.
 
 Sources: a local HF checkpoint directory (safetensors, memory-mapped; or `.bin` via
 `torch.load(weights_only=True)`), sharded or not; a hub id, downloaded with `huggingface_hub`;
-or `dummy:opt-XXX`, synthetic weights of the real shapes for benchmarks.
-Names are normalised to `decoder....` / `lm_head.weight` (checkpoints differ on the `model.` prefix).
+or `dummy:NAME`, synthetic weights of the real shapes for benchmarks.
+Names are normalised without the `model.` prefix (checkpoints differ on it), as the family tables
+(engine/families) write them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError
-from .model_spec import ModelSpec
+from .model_spec import ModelSpec, TensorRef
 
 
 def _normalise(name: str) -> str:
@@ -28,7 +29,7 @@ def _normalise(name: str) -> str:
 class CheckpointReader:
     """name -> tensor (on the host), opened lazily; safetensors files stay memory-mapped."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, spec: ModelSpec):
         self.directory = directory
         self._where: dict[str, tuple[str, str]] = {}  # normalised name -> (file, original name)
         self._open: dict[str, object] = {}
@@ -36,8 +37,9 @@ class CheckpointReader:
         for path in files:
             for orig in self._keys(path):
                 self._where[_normalise(orig)] = (path, orig)
-        if "lm_head.weight" not in self._where and "decoder.embed_tokens.weight" in self._where:
-            self._where["lm_head.weight"] = self._where["decoder.embed_tokens.weight"]  # tied
+        head, emb = spec.layer_tensors(spec.num_layers + 1)[-1].name, spec.layer_tensors(0)[0].name
+        if head not in self._where and emb in self._where and spec.tie_embeddings:
+            self._where[head] = self._where[emb]  # tied: the head is the token embedding
 
     @staticmethod
     def _weight_files(d: str) -> list[str]:
@@ -56,7 +58,7 @@ class CheckpointReader:
             if os.path.exists(p):
                 return [p]
         raise ConfigError(f"{d} has no model.safetensors or pytorch_model.bin (or index); "
-                          "point at a HF OPT checkpoint directory")
+                          "point at a HF checkpoint directory")
 
     def _handle(self, path: str):
         if path not in self._open:
@@ -78,6 +80,13 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, orig = self._where[name]
+        h = self._handle(path)
+        if path.endswith(".safetensors"):
+            return tuple(h.get_slice(orig).get_shape())
+        return tuple(h[orig].shape)
+
     def get(self, name: str) -> torch.Tensor:
         path, orig = self._where[name]
         h = self._handle(path)
@@ -96,10 +105,13 @@ class DummyReader:
     def has(self, name: str) -> bool:
         return True
 
-    def get_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get_shaped(self, ref: TensorRef) -> torch.Tensor:
+        name, shape = ref.name, ref.shape
+        if ref.role == "lm_head.weight" and self.spec.tie_embeddings:
+            name = self.spec.layer_tensors(0)[0].name
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         if len(shape) == 1:
-            base = 1.0 if name.endswith("layer_norm.weight") else 0.0
+            base = 1.0 if "norm" in ref.role and ref.role.endswith(".weight") else 0.0
             return torch.full(shape, base) + 0.01 * torch.randn(shape, generator=g)
         return torch.randn(shape, generator=g) * 0.02
 
@@ -122,19 +134,32 @@ def resolve_checkpoint(model: str) -> str:
         raise ConfigError(f"cannot download {model!r} from the hub ({e}); pass a local checkpoint directory") from e
 
 
-def iter_layer_tensors(reader, names_shapes: list[tuple[str, tuple[int, ...]]],
-                       dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, shape in names_shapes:
+def iter_layer_tensors(reader, refs: list[TensorRef], dtype: torch.dtype) -> Iterator[tuple[TensorRef, torch.Tensor]]:
+    for ref in refs:
         if isinstance(reader, DummyReader):
-            t = reader.get_shaped(name, shape)
-        else:
-            if not reader.has(name):
-                raise ConfigError(f"checkpoint {reader.directory} lacks tensor {name}; is it an OPT checkpoint?")
-            t = reader.get(name)
-            if name == "decoder.embed_positions.weight" and t.shape[0] < shape[0]:
-                raise ConfigError(f"{name} has {t.shape[0]} rows, config needs {shape[0]}")
-            t = t[: shape[0]] if name == "decoder.embed_positions.weight" else t
-            if tuple(t.shape) != tuple(shape):
-                raise ConfigError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies {shape}; "
+            yield ref, reader.get_shaped(ref).to(dtype)
+            continue
+        yield ref, read_checked(reader, ref).to(dtype)
+
+
+def read_checked(reader: "CheckpointReader", ref: TensorRef) -> torch.Tensor:
+    """The checkpoint tensor of `ref` (names and shapes were checked by check_checkpoint)."""
+    t = reader.get(ref.name)
+    return t[: ref.shape[0]] if ref.role == "pos_embed.weight" else t  # a longer table is fine
+
+
+def check_checkpoint(reader: "CheckpointReader", spec: ModelSpec) -> None:
+    """Every tensor present with its shape, before anything is written to an offload directory
+    (reads safetensors headers only; `.bin` shards are memory-mapped)."""
+    for j in range(spec.num_layers + 2):
+        for ref in spec.layer_tensors(j):
+            if not reader.has(ref.name):
+                raise ConfigError(f"checkpoint {reader.directory} lacks tensor {ref.name} ({ref.role}) that its "
+                                  "config.json implies; the checkpoint is incomplete or its config belongs to "
+                                  "another model")
+            got = reader.shape(ref.name)
+            ok = got == tuple(ref.shape) or (ref.role == "pos_embed.weight" and got[0] >= ref.shape[0]
+                                             and got[1:] == tuple(ref.shape[1:]))
+            if not ok:
+                raise ConfigError(f"tensor {ref.name} has shape {got} but config.json implies {ref.shape}; "
                                   "the checkpoint and its config disagree")
-        yield name, t.to(dtype)

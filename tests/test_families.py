@@ -1,0 +1,192 @@
+"""Every family against HF transformers' own model class on the same weights (checkpoints saved by
+`save_pretrained`), under a placement matrix and several micro-batch splits; the compressed path
+against a quantize-dequantize reference; the spec read from config.json; bad checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flexgen_helm import ConfigError, Engine, MemoryBudget, Policy
+from flexgen_helm.engine import compression as C
+from flexgen_helm.engine.config import CompressionConfig
+from flexgen_helm.engine.model_spec import load_spec, spec_from_name
+from flexgen_helm.tiny import TINY_FAMILIES, build_tiny_family
+
+# lengths 2..12 so the tiny Mistral's window of 5 is shorter than most prompts
+PROMPTS = [[0, 5, 6, 7, 8, 9, 10], [0, 11], [0, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+           [0, 100, 7, 300, 5], [0, 77, 78], [0, 9, 8, 7, 6, 5, 4, 3, 200, 201]]
+NEW = 6
+
+PLACEMENTS = {
+    "all-compute": dict(),
+    "all-host-ccc": dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
+                         act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True),
+    "all-disk": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0),
+    "mixed": dict(w_gpu_percent=30, w_cpu_percent=40, cache_gpu_percent=30, cache_cpu_percent=40),
+}
+SPLITS = [(2, 3), (1, 6), (4, 2)]
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def family_ckpt(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp(request.param))
+    return build_tiny_family(d, request.param, seed=3, tokenizer=False)
+
+
+def hf_reference(model_dir: str, prompts, new: int, prepare=None):
+    """Greedy tokens and their fp32 logprobs from HF, one prompt at a time, no padding."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    handles = prepare(hf) if prepare else []
+    hf.generation_config.eos_token_id = None  # the engine is asked for exactly `new` tokens, EOS or not
+    toks, lps = [], []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False,
+                              pad_token_id=1, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+            s = out[0, len(p):].tolist()
+            logp = hf(torch.tensor([p + s])).logits.float().log_softmax(-1)[0]
+            toks.append(s)
+            lps.append([logp[len(p) - 1 + i, t].item() for i, t in enumerate(s)])
+    for h in handles:
+        h.remove()
+    return toks, lps
+
+
+@pytest.fixture(scope="module")
+def ref(family_ckpt):
+    return hf_reference(family_ckpt, PROMPTS, NEW)
+
+
+def _run(model, policy, tmp_path, prompts=PROMPTS):
+    with Engine.from_pretrained(model, policy=policy, device="cpu", dtype=torch.float32,
+                                offload_dir=str(tmp_path)) as eng:
+        res = eng.generate(prompts, max_new_tokens=NEW)
+    assert os.listdir(tmp_path) == []  # offload files cleaned up
+    return res
+
+
+def _assert_matches(res, ref, tol=1e-4):
+    assert res.sequences == ref[0]
+    for got, want in zip(res.logprobs, ref[1]):
+        assert max(abs(a - b) for a, b in zip(got, want)) < tol
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_matches_hf_for_every_placement(family_ckpt, ref, tmp_path, placement):
+    _assert_matches(_run(family_ckpt, Policy(gpu_batch_size=2, num_gpu_batches=3, **PLACEMENTS[placement]),
+                         tmp_path), ref)
+
+
+@pytest.mark.parametrize("split", SPLITS[1:])
+def test_matches_hf_for_micro_batch_splits(family_ckpt, ref, tmp_path, split):
+    gbs, ngb = split
+    pol = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **PLACEMENTS["mixed"], cpu_cache_compute=True)
+    _assert_matches(_run(family_ckpt, pol, tmp_path), ref)
+
+
+def test_spec_reads_what_the_config_says(family_ckpt):
+    spec = load_spec(family_ckpt)
+    with open(os.path.join(family_ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    assert spec.family == cfg["model_type"]
+    assert spec.num_kv_heads == cfg["num_key_value_heads"] < spec.num_heads  # GQA in every tiny config
+    assert spec.kv_bytes_per_token(2) == 2 * spec.num_kv_heads * spec.head_dim * 2
+    hf = AutoModelForCausalLM.from_pretrained(family_ckpt, dtype=torch.float32)
+    assert spec.num_params() == sum(p.numel() for p in hf.parameters())  # tied heads counted once
+
+
+def _quantized_reference(model_dir, w_cfg, kv_cfg):
+    def prepare(hf):
+        if w_cfg is not None:
+            C.fake_quantize_model(hf, w_cfg)
+        return C.fake_quantize_kv_cache(hf, kv_cfg) if kv_cfg is not None else []
+    return hf_reference(model_dir, PROMPTS, NEW, prepare)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("what", ["w4", "kv4", "w4kv4"])
+def test_compressed_path_equals_quantize_dequantize_reference(variant, what, tmp_path_factory, tmp_path):
+    d = build_tiny_family(str(tmp_path_factory.mktemp(f"{variant}-c")), variant, seed=4, tokenizer=False)
+    w, kv = "w4" in what, "kv4" in what
+    ref = _quantized_reference(d, CompressionConfig(4, 64, 0) if w else None,
+                               CompressionConfig(4, 64, -1) if kv else None)
+    for placement in ("all-compute", "all-host-ccc", "all-disk"):
+        pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=w, compress_cache=kv, **PLACEMENTS[placement])
+        res = _run(d, pol, tmp_path)
+        assert res.sequences == ref[0]
+        diffs = [abs(a - b) for g, r in zip(res.logprobs, ref[1]) for a, b in zip(g, r)]
+        # a 1-ulp difference upstream can move one K/V value across a rounding boundary
+        assert sum(x < 1e-4 for x in diffs) >= 0.9 * len(diffs) and max(diffs) < 5e-2
+
+
+def test_legacy_rope_keys_read_like_rope_parameters(tmp_path):
+    new = build_tiny_family(str(tmp_path / "new"), "llama", seed=5, tokenizer=False)
+    old = build_tiny_family(str(tmp_path / "old"), "llama", seed=5, tokenizer=False, legacy_rope_keys=True)
+    with open(os.path.join(old, "config.json")) as f:
+        cfg = json.load(f)
+    assert "rope_parameters" not in cfg and cfg["rope_scaling"]["type"] == "llama3"
+    assert load_spec(new).rope == load_spec(old).rope and load_spec(old).rope.type == "llama3"
+    ref = hf_reference(old, PROMPTS[:3], NEW)
+    with Engine.from_pretrained(old, policy=Policy(gpu_batch_size=3), device="cpu", dtype=torch.float32) as eng:
+        _assert_matches(eng.generate(PROMPTS[:3], max_new_tokens=NEW), ref)
+
+
+def test_public_sizes_have_exact_parameter_counts():
+    published = {"llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496, "llama-3.2-1b": 1_235_814_400,
+                 "llama-3.2-3b": 3_212_749_824, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
+                 "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen2.5-72b": 72_706_203_648,
+                 "qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360, "opt-1.3b": 1_315_758_080,
+                 "opt-350m": 331_196_416}
+    for name, n in published.items():
+        assert spec_from_name(name).num_params() == n, name
+    assert spec_from_name("meta-llama/Llama-3.1-8B-Instruct") == spec_from_name("llama-3.1-8b").__class__(
+        **{**spec_from_name("llama-3.1-8b").__dict__, "name": "llama-3.1-8b-instruct"})
+    assert spec_from_name("Qwen/Qwen2.5-72B").kv_width == 8 * 128
+
+
+def test_dummy_weights_of_every_family_run(tmp_path):
+    for name in ("dummy:llama-3.2-1b", "dummy:qwen3-0.6b"):
+        spec = load_spec(name)
+        small = spec.probe(num_layers=1, max_positions=64)
+        assert small.layer_params(1) == spec.layer_params(1)
+    pol = Policy(gpu_batch_size=2, w_gpu_percent=0, w_cpu_percent=0)
+    with Engine.from_pretrained("dummy:qwen2.5-0.5b", policy=pol, offload_dir=str(tmp_path),
+                                prompt_len=8, gen_len=2) as eng:
+        res = eng.generate([[1, 2, 3], [4, 5]], max_new_tokens=2)
+    assert [len(s) for s in res.sequences] == [2, 2]
+
+
+def test_unsupported_family_and_missing_keys_fail_before_any_write(tmp_path):
+    d = build_tiny_family(str(tmp_path / "m"), "mistral", tokenizer=False)
+    off = tmp_path / "off"
+    off.mkdir()
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    disk = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    for bad, needle in ((dict(cfg, model_type="gpt_neox"), "not supported; supported model types: opt, llama"),
+                        ({k: v for k, v in cfg.items() if k != "intermediate_size"}, "lacks 'intermediate_size'"),
+                        (dict(cfg, num_key_value_heads=3), "not a multiple of 3 key/value heads"),
+                        (dict(cfg, intermediate_size=100), "has shape .* but config.json implies"),
+                        (dict(cfg, tie_word_embeddings=True, head_dim=8), "has shape")):
+        with open(cfg_path, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(ConfigError, match=needle):
+            Engine.from_pretrained(d, policy=disk, device="cpu", offload_dir=str(off))
+        assert os.listdir(off) == []  # nothing written to the offload directory
+
+
+def test_gqa_cache_is_kv_heads_wide(family_ckpt, tmp_path):
+    spec = load_spec(family_ckpt)
+    pol = Policy(gpu_batch_size=2, cache_gpu_percent=0, cache_cpu_percent=100)
+    with Engine.from_pretrained(family_ckpt, policy=pol, device="cpu", dtype=torch.float32,
+                                budget=MemoryBudget()) as eng:
+        res = eng.generate(PROMPTS[:2], max_new_tokens=2)
+    # the host tier held the K/V blocks: rows x capacity x 2 x kv_heads x head_dim x 4 bytes per layer
+    cap = max(len(p) for p in PROMPTS[:2]) + 2
+    want = spec.num_layers * 2 * cap * spec.kv_bytes_per_token(4)
+    assert res.stats.peak_memory_bytes["cpu"] == want
