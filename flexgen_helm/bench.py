@@ -14,14 +14,15 @@ import sys
 import tempfile
 import time
 
-from .engine.config import MemoryBudget, Policy, parse_bytes
+from .engine.config import MemoryBudget, Policy, default_dtype, parse_bytes
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmark of the engine (or a baseline) on one block")
-    p.add_argument("--model", default="dummy:opt-1.3b", help="checkpoint dir, hub id, or dummy:opt-XXX")
+    p.add_argument("--model", default="dummy:opt-1.3b", help="checkpoint dir, hub id, or dummy:NAME (any public size of a supported family, "
+                        "e.g. dummy:llama-3.2-1b; see the README)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--gpu-batch-size", type=int, default=4)
@@ -99,19 +100,18 @@ def run_bench(args) -> dict:
     process, so both see the same machine state (these machines are shared and noisy)."""
     import torch
 
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
-        torch.float16 if args.device.startswith("cuda") else torch.bfloat16)
+    dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else default_dtype(args.device))
     budget = MemoryBudget(parse_bytes(args.gpu_mem), parse_bytes(args.cpu_mem), parse_bytes(args.disk_mem))
     if args.device.startswith("cuda") and budget.gpu and torch.cuda.is_available():
         dev = torch.device(args.device)
         torch.cuda.set_per_process_memory_fraction(budget.gpu / torch.cuda.get_device_properties(dev).total_memory, dev)
     base = {"model": args.model, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "device": args.device,
             "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
-    from .engine.engine import Engine
-    with Engine.from_pretrained(args.model, policy=_policy(args), device=args.device, dtype=dtype,
-                                offload_dir=args.offload_dir or os.getcwd(), budget=budget,
-                                prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                allow_compression=args.compress_weight or args.compress_cache) as eng, \
+    from .runtime import load_engine
+    with load_engine(args.model, policy=_policy(args), device=args.device, dtype=dtype,
+                     offload_dir=args.offload_dir or os.getcwd(), budget=budget,
+                     prompt_len=args.prompt_len, gen_len=args.gen_len,
+                     allow_compression=args.compress_weight or args.compress_cache) as eng, \
             tempfile.TemporaryDirectory(prefix="flexgen-bench-", dir=args.offload_dir or os.getcwd()) as tmp:
         n = eng.policy.block_size
         prompts = _prompts(n, args.prompt_len, eng.spec.vocab_size)
@@ -166,8 +166,7 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
             store.disk.read_into(off, buf[:nb])
             times.append(nb / (time.perf_counter() - t0))
         disk_bw = statistics.median(times)
-    h, f = spec.hidden, spec.ffn
-    mm_params = spec.num_layers * (4 * h * h + 2 * h * f) + spec.vocab_size * spec.embed_dim
+    h = spec.hidden
 
     def mm_rate(rows: int) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
         a = torch.randn(rows, h, dtype=eng.dtype)
@@ -183,8 +182,8 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     rate_decode = mm_rate(pol.gpu_batch_size)
     rate_prefill = mm_rate(min(pol.gpu_batch_size * prompt_len, 8192))
     io = disk_bytes / disk_bw if disk_bw else 0.0
-    prefill = max(io, 2 * mm_params * n * prompt_len / rate_prefill)
-    decode = max(io, 2 * mm_params * n / rate_decode)
+    prefill = max(io, spec.step_matmul_flops(n * prompt_len) / rate_prefill)
+    decode = max(io, spec.step_matmul_flops(n) / rate_decode)
     total = prefill + (gen_len - 1) * decode
     bound_tput = n * gen_len / total
     return {"formula": "per step: max(disk weight bytes / disk read bw, matmul FLOPs / matmul FLOP/s)",
@@ -199,29 +198,32 @@ def _progress(msg: str) -> None:
 
 
 def _hf_model(model: str, dtype):
-    """The same weights as the engine sees: a checkpoint, or the dummy generator's tensors."""
+    """The same weights as the engine sees, in transformers' own model class for the family: a
+    checkpoint, or the dummy generator's tensors."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .engine.families import public_config
     from .engine.model_spec import load_spec
-    from .engine.placement import layer_tensors
     from .engine.weights import DummyReader, resolve_checkpoint
 
     if not model.startswith("dummy:"):
-        return OPTForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=dtype).eval()
     spec = load_spec(model)
-    cfg = OPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.num_layers,
-                    ffn_dim=spec.ffn, num_attention_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
-                    word_embed_proj_dim=spec.embed_dim, do_layer_norm_before=spec.do_layer_norm_before)
+    cfg = dict(public_config(model[len("dummy:"):]))
+    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
-        m = OPTForCausalLM(cfg)
+        m = AutoModelForCausalLM.from_config(cfg)
     reader = DummyReader(spec)
     state = {}
     for j in range(spec.num_layers + 2):
-        for name, shape in layer_tensors(spec, j):
-            state["model." + name if name != "lm_head.weight" else name] = reader.get_shaped(name, shape).to(dtype)
+        for ref in spec.layer_tensors(j):
+            key = "model." + ref.name if ref.role != "lm_head.weight" else ref.name
+            state[key] = reader.get_shaped(ref).to(dtype)
     m.load_state_dict(state, assign=True, strict=False)
     m.tie_weights()
+    if spec.positions == "rotary":  # buffers the meta device left empty
+        m.model.rotary_emb = type(m.model.rotary_emb)(config=m.config)
     return m.eval()
 
 

@@ -189,7 +189,7 @@ def test_prompt_longer_than_context(tiny_opt, tmp_path):
 
 
 def test_unknown_model_and_missing_dir(tmp_path):
-    with pytest.raises(ConfigError, match="unknown OPT model"):
+    with pytest.raises(ConfigError, match="unknown model .opt-7b.: use a checkpoint directory"):
         Engine.from_pretrained("dummy:opt-7b", policy=Policy())
     with pytest.raises(ConfigError, match="config.json"):
         Engine.from_pretrained(str(tmp_path), policy=Policy())

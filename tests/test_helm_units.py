@@ -321,7 +321,11 @@ def fake_client(monkeypatch, tmp_path):
     monkeypatch.setattr(client_mod, "shared_engine", lambda *a, **k: engine)
     monkeypatch.setattr(client_mod, "_local_tokenizer", lambda path: ThreadSafeWrapper(tok))
     c = client_mod.FlexGenClient(SqliteCacheConfig(str(tmp_path / "c.sqlite")), model_path="fake", gpu_batch_size=4)
-    c._max_context = 64
+    import dataclasses
+
+    from flexgen_helm.engine.model_spec import spec_from_name
+    fake_eos = tok.eos_token_id if tok.eos_token_id is not None else ()
+    c._spec = dataclasses.replace(spec_from_name("opt-125m"), max_positions=64, eos_token_id=fake_eos)
     return c, engine
 
 

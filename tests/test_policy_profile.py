@@ -1,12 +1,20 @@
-"""Hardware profile: JSON round trip, shipped T4 profiles, rate interpolation, a quick measurement."""
+"""Hardware profile: JSON round trip, shipped T4 profiles, rate interpolation, curve keys per layer
+shape, a quick measurement (OPT widths and a GQA model's own shape)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from flexgen_helm.engine.config import ConfigError
-from flexgen_helm.policy.profiler import HardwareProfile, load_or_measure, load_profile, measure_profile
+from flexgen_helm.engine.model_spec import spec_from_name
+from flexgen_helm.policy.profiler import (HardwareProfile, head_key, layer_key, load_or_measure, load_profile,
+                                          measure_profile, opt_probe_spec, with_widths)
+
+# a small Llama-style model: GQA (4 query heads per key/value head), head_dim != hidden / heads
+TOY_GQA = replace(spec_from_name("llama-3.2-1b"), name="toy-gqa", num_layers=2, hidden=96, num_heads=4,
+                  num_kv_heads=1, head_dim=32, ffn=256, vocab_size=300)
 
 
 def _profile() -> HardwareProfile:
@@ -22,10 +30,32 @@ def test_json_round_trip(tmp_path):
     q = HardwareProfile.from_json(str(path))
     assert q == p
     assert json.loads(path.read_text())["schema"] == 2
-    p.layer_curves = {768: [(1, 1e9), (64, 5e10)], 2048: [(1, 2e9), (64, 8e10)]}
+    p.layer_curves = {768: [(1, 1e9), (64, 5e10)], 2048: [(1, 2e9), (64, 8e10)],
+                      layer_key(TOY_GQA): [(1, 3e9), (64, 9e10)]}
     p.to_json(str(path))
     q = HardwareProfile.from_json(str(path))
-    assert q == p and q.layer_rate(64, 768, False) == pytest.approx(5e10)
+    assert q == p and q.layer_rate(64, spec_from_name("opt-125m")) == pytest.approx(5e10)
+    assert q.layer_rate(64, TOY_GQA) == pytest.approx(9e10)  # its own shape, not the OPT widths
+
+
+def test_curve_keys():
+    """OPT layers keep the integer keys of older profiles; other shapes get a key of their own."""
+    assert layer_key(spec_from_name("opt-30b")) == 7168 and head_key(spec_from_name("opt-30b")) == 7168
+    assert layer_key(opt_probe_spec(192)) == 192
+    assert head_key(spec_from_name("opt-350m")) == "opt:1024:512:50272"  # projected 512-wide head
+    assert layer_key(spec_from_name("llama-3.1-70b")) == "llama:8192:28672:64:8:128"
+    assert head_key(spec_from_name("llama-3.1-70b")) == "llama:8192:8192:128256"
+    assert layer_key(spec_from_name("qwen3-8b")) != layer_key(spec_from_name("llama-3.1-8b"))
+
+
+def test_missing_shape_falls_back_to_opt_widths():
+    """A profile measured for OPT models (another machine's) still rates other families' layers,
+    from its OPT-shaped curves at the same hidden width."""
+    p = _profile()
+    p.layer_curves = {2048: [(1, 2e9), (64, 8e10)], 8192: [(1, 4e9), (64, 2e11)]}
+    assert p.layer_rate(64, spec_from_name("llama-3.1-70b")) == pytest.approx(2e11)
+    assert p.layer_rate(64, spec_from_name("llama-3.2-1b")) == pytest.approx(8e10)
+    assert p.head_rate(4, spec_from_name("llama-3.2-1b")) is None  # no head curves at all
 
 
 def test_missing_field_is_config_error(tmp_path):
@@ -69,21 +99,22 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     for f in ("sched_overhead_s", "disk_block_s"):
         assert getattr(p, f) >= 0, f
     assert len(p.mm_curve) >= 5
-    assert set(p.layer_curves) == {64, 128} and p.layer_rate(8, 96, False) > 0 and p.head_rate(4, 64) > 0
+    assert set(p.layer_curves) == {64, 128} and set(p.head_curves) == {64, 128}
+    assert p.layer_rate(8, opt_probe_spec(128)) > 0 and p.head_rate(4, opt_probe_spec(64)) > 0
     p.to_json(str(tmp_path / "cache" / "x.json"))
     from flexgen_helm.policy import profiler
     path = profiler.cache_path("cpu", "float32")
     p.to_json(path)
     assert load_or_measure("cpu", "float32") == p  # served from the cache, not re-measured
-    # a model of another width: its layer and head curves are measured now and cached with the rest
-    q = load_or_measure("cpu", "float32", hidden=192, embed_dim=32)
-    assert set(q.layer_curves) == {64, 128, 192} and set(q.head_curves) == {32, 64, 128}
-    assert q.layer_curves[64] == p.layer_curves[64] and q.layer_rate(8, 192, False) > 0
+    # a model of another shape: its layer and head curves are measured now and cached with the rest
+    q = load_or_measure("cpu", "float32", spec=TOY_GQA)
+    assert set(q.layer_curves) == {64, 128, layer_key(TOY_GQA)} and set(q.head_curves) == {64, 128, head_key(TOY_GQA)}
+    assert q.layer_curves[64] == p.layer_curves[64] and q.layer_rate(8, TOY_GQA) > 0 and q.head_rate(4, TOY_GQA) > 0
     assert load_or_measure("cpu", "float32") == q
+    assert load_or_measure("cpu", "float32", spec=TOY_GQA) == q  # nothing left to measure
 
 
 def test_other_machines_profiles_are_not_extended():
-    from flexgen_helm.policy.profiler import with_widths
     p = _profile()  # measured on host "h", not here
-    assert with_widths(p, 96, 32) is p
-    assert with_widths(load_profile("t4-gcp"), 7168, 7168).layer_curves == {}
+    assert with_widths(p, TOY_GQA) is p
+    assert with_widths(load_profile("t4-gcp"), spec_from_name("llama-3.1-70b")).layer_curves == {}

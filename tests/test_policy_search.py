@@ -1,11 +1,14 @@
 """Search: feasible picks on tiny models, budget pressure, the impossible-budget error, the T4
-reproduction (regression of the README numbers), benchmark prediction, and Engine(policy="auto")."""
+reproduction (regression of the README numbers), other families on the T4 profile, benchmark
+prediction, and load_engine(policy="auto")."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from flexgen_helm.engine.config import ConfigError, MemoryBudget, Policy
-from flexgen_helm.engine.model_spec import ModelSpec, spec_from_name
+from flexgen_helm.engine.model_spec import spec_from_name
 from flexgen_helm.engine.placement import memory_plan
 from flexgen_helm.policy import profiler
 from flexgen_helm.policy.cost_model import estimate
@@ -16,7 +19,8 @@ HW = HardwareProfile(name="toy", device="cpu", dtype="bfloat16", h2d_bw=1e10, d2
                      disk_write_bw=5e8, dev_copy_bw=1e10, mm_curve=[(1, 2e9), (64, 1e11), (4096, 3e11)],
                      attn_prefill_flops=5e10, attn_decode_bw=5e9, host_attn_decode_bw=5e9, dequant_bw=1e9,
                      quant_bw=1e9, layer_overhead_s=5e-5, copy_overlaps_compute=False)
-SPEC = ModelSpec("toy", num_layers=4, hidden=256, num_heads=4, ffn=1024, vocab_size=1000, max_positions=512)
+SPEC = replace(spec_from_name("opt-125m"), name="toy", num_layers=4, hidden=256, num_heads=4, num_kv_heads=4,
+               head_dim=64, ffn=1024, vocab_size=1000, max_positions=512)
 
 
 def _fits(pol: Policy, budget: MemoryBudget, prompt_len: int, gen_len: int) -> dict[str, int]:
@@ -82,6 +86,34 @@ def test_t4_opt30b_matches_flexgen_within_30_percent():
     assert res.best.estimate.memory["gpu"] <= 15 * 10**9
 
 
+T4 = MemoryBudget(gpu=16 * 10**9, cpu=200 * 10**9, disk=1500 * 10**9)
+
+
+def test_t4_llama_8b_policy_fits_and_beats_hand_policies():
+    """A GQA model on the paper's machine: the searched policy fits the engine's own memory plan
+    and is predicted at least as fast as simple hand policies that fit."""
+    spec, hw = spec_from_name("llama-3.1-8b"), load_profile("t4-gcp")
+    res = search(spec, prompt_len=512, gen_len=32, budget=T4, hw=hw, dtype_bytes=2, gbs_candidates=(8, 16, 32, 64))
+    plan = memory_plan(spec, res.policy, 512, 32, 2, device_is_cuda=True)
+    assert res.best.estimate.memory == plan
+    assert all(plan[t] <= getattr(T4, t) for t in plan)
+    for pol in (Policy.from_percent([0, 100, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=4),
+                Policy.from_percent([50, 50, 0, 100, 100, 0], gpu_batch_size=16, num_gpu_batches=2,
+                                    cpu_cache_compute=True)):
+        e = estimate(spec, pol, hw, 512, 32, 2)
+        assert all(e.memory[t] <= getattr(T4, t) for t in e.memory)
+        assert e.throughput <= res.best.estimate.throughput * 1.0001
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-3.1-70b", "qwen2.5-72b", "mistral-7b", "qwen3-8b", "opt-175b"])
+def test_t4_policies_for_the_readme_models(name):
+    spec = spec_from_name(name)
+    res = search(spec, prompt_len=512, gen_len=32, budget=T4, hw=load_profile("t4-gcp"), dtype_bytes=2)
+    plan = memory_plan(spec, res.policy, 512, 32, 2, device_is_cuda=True)
+    assert all(plan[t] <= getattr(T4, t) for t in plan) and res.best.estimate.throughput > 0
+
+
 def test_benchmark_prediction_sums_blocks():
     subs = [SubScenario("a", 32, 8, 10), SubScenario("b", 64, 1, 3, Policy(gpu_batch_size=2, num_gpu_batches=2))]
     rows = predict_benchmark(SPEC, subs, HW, MemoryBudget(gpu=10**8, cpu=10**9, disk=0), 2)
@@ -106,17 +138,24 @@ def test_auto_policy_uses_the_cached_profile(cached_toy_profile):
 
 
 def test_engine_auto_runs_within_budget(tiny_opt, cached_toy_profile, tmp_path):
-    """Engine(policy="auto") on a tiny checkpoint: the searched policy runs and peaks within budget."""
-    from flexgen_helm.engine.engine import Engine
+    """load_engine(policy="auto") on a tiny checkpoint: the searched policy runs and peaks within budget."""
     from flexgen_helm.engine.model_spec import load_spec
+    from flexgen_helm.runtime import load_engine
     spec = load_spec(tiny_opt)
     one = memory_plan(spec, Policy(gpu_batch_size=1), 16, 4, 2)["gpu"]
     budget = MemoryBudget(gpu=int(one * 1.2), cpu=10**8, disk=10**8)  # far from room for a big batch on the gpu
-    with Engine.from_pretrained(tiny_opt, policy="auto", device="cpu", offload_dir=str(tmp_path), budget=budget,
-                                prompt_len=16, gen_len=4) as eng:
+    with load_engine(tiny_opt, policy="auto", device="cpu", offload_dir=str(tmp_path), budget=budget,
+                     prompt_len=16, gen_len=4) as eng:
         assert memory_plan(spec, eng.policy, 16, 4, 2)["gpu"] <= budget.gpu
         prompts = [[2, 5, 6, 7] * 4] * 3
         res = eng.generate(prompts, max_new_tokens=4)
         assert all(len(s) == 4 for s in res.sequences)
         for tier in ("gpu", "cpu", "disk"):
             assert res.stats.peak_memory_bytes[tier] <= getattr(budget, tier), tier
+
+
+def test_one_text_form_of_a_policy():
+    p = Policy.from_percent([20, 80, 0, 100, 0, 100], gpu_batch_size=48, num_gpu_batches=3, cpu_cache_compute=True,
+                            compress_cache=True)
+    assert p.describe() == "48x3 w 20/80/0 kv 0/100/0 act 0/100/0 cpu-attn kv4"
+    assert Policy.from_percent([33.333, 0, 50, 25, 100, 0]).describe() == "1x1 w 33.33/0/66.67 kv 50/25/25 act 100/0/0"

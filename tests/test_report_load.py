@@ -117,7 +117,7 @@ def test_timing_is_apportioned_by_token_share(tmp_path):
     assert m.prefill_tok_s == pytest.approx(300 / 3.0) and m.decode_tok_s == pytest.approx(6 / 0.6)
     assert m.gen_tok_s == pytest.approx(6 / 3.6)
     assert (m.peak_gpu_GB, m.peak_cpu_GB, m.peak_disk_GB) == (2 * GIB / 1e9, 5 * GIB / 1e9, 0.0)
-    assert m.policy == "8x2 w 20/80/0 c 0/100/0 a 0/100/0" and m.compressed == "no"
+    assert m.policy == "8x2 w 20/80/0 kv 0/100/0 act 0/100/0" and m.compressed == "no"
 
     s = row(df, "fp16", SRN)    # in both batches
     assert s.prompt_tokens == 160 and s.generated_tokens == 84 and s.batches == 2

@@ -1,1 +1,1 @@
-"""The offloading OPT runtime. Knows nothing of HELM, suites or reports."""
+"""The offloading runtime (OPT, Llama, Mistral, Qwen2/2.5, Qwen3). Knows nothing of HELM, suites or reports."""

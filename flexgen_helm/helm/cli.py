@@ -69,7 +69,8 @@ def register(subparsers) -> None:
     p.add_argument("--conf", "-c", nargs="+", help="HELM run-entries conf file(s), e.g. run_specs.conf")
     p.add_argument("-r", "--run-entries", nargs="+", help="extra run entries, e.g. mmlu:subject=anatomy")
     p.add_argument("--model", required=True,
-                   help="flexgen deployment (flexgen/opt-30b), HELM model name (meta/opt-30b) or checkpoint dir")
+                   help="flexgen deployment (flexgen/opt-30b, flexgen/llama-3.1-8b-4bit), a public size "
+                        "(qwen2.5-7b), HELM model name (meta/opt-30b) or checkpoint dir")
     p.add_argument("--suite", default="flexgen")
     p.add_argument("-m", "--max-eval-instances", type=int,
                    help="eval instances per entry (also caps an entry's own max_eval_instances)")
@@ -83,10 +84,13 @@ def register(subparsers) -> None:
 
     q = subparsers.add_parser("prod-env", help="write HELM prod_env configs for the flexgen deployments",
                               description="Write model_metadata/model_deployments/tokenizer_configs YAMLs "
-                                          "(flexgen/opt-* and flexgen/opt-*-4bit) into a HELM prod_env.")
+                                          "(flexgen/NAME and flexgen/NAME-4bit for every OPT, Llama, Mistral, "
+                                          "Qwen2.5 and Qwen3 size) into a HELM prod_env.")
     q.add_argument("--out", default="prod_env")
-    q.add_argument("--weights-root", help="directory holding opt-XXX checkpoint directories")
+    q.add_argument("--weights-root", help="directory holding checkpoint directories named by public size "
+                                                   "(opt-30b, llama-3.1-8b, ...)")
     q.add_argument("--checkpoint", action="append", metavar="NAME=DIR",
-                   help="a checkpoint: opt-30b=/w/opt-30b repoints flexgen/opt-30b; other names add flexgen/NAME")
+                   help="a checkpoint: opt-30b=/w/opt-30b repoints flexgen/opt-30b (any public size likewise); "
+                        "other names add flexgen/NAME")
     q.add_argument("--tiny", action="store_true", help="also add the embedded tiny model (flexgen/tiny-opt)")
     q.set_defaults(func=_prod_env)

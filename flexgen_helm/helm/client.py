@@ -153,7 +153,7 @@ def shared_engine(s: EngineSettings, policy: Policy, prompt_len: int, gen_len: i
         device, dtype = _device_dtype(s)
         if s.offload_dir is not None:
             os.makedirs(s.offload_dir, exist_ok=True)
-        hlog(f"flexgen: loading {s.model_path} on {device} with {policy}")
+        hlog(f"flexgen: loading {s.model_path} on {device} with {policy.describe()}")
         engine = Engine.from_pretrained(s.model_path, policy=policy, device=device, dtype=dtype,
                                         offload_dir=s.offload_dir, budget=s.budget, prompt_len=prompt_len,
                                         gen_len=gen_len)
@@ -253,7 +253,7 @@ class FlexGenClient(CachingClient):
         self.helm_tokenizer = tokenizer
         self.tokenizer_name = tokenizer_name
         self.tokenizer_path = tokenizer_path
-        self._max_context: int | None = None
+        self._spec: Any = None
         self._compression: str | None = None
 
     # ---- HELM's per-request entry point ------------------------------------------------------
@@ -271,11 +271,23 @@ class FlexGenClient(CachingClient):
         return _local_tokenizer(self.tokenizer_path or self.settings.model_path)
 
     @property
-    def max_context(self) -> int:
-        if self._max_context is None:
+    def spec(self) -> Any:
+        """The model's ModelSpec (config.json only: no weights are read)."""
+        if self._spec is None:
             from ..engine.model_spec import load_spec
-            self._max_context = load_spec(self.settings.model_path).max_positions
-        return self._max_context
+            self._spec = load_spec(self.settings.model_path)
+        return self._spec
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_positions
+
+    def _eos_ids(self, tok: Any) -> set[int]:
+        """End-of-text ids: the tokenizer's and every one the model config lists (Llama 3.1: several)."""
+        ids = set(self.spec.eos_ids)
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        return ids
 
     def cache_key(self, r: Request) -> dict:
         if self._compression is None:
@@ -300,16 +312,17 @@ class FlexGenClient(CachingClient):
             return "num_completions must be >= 1, max_tokens and top_k_per_token >= 0"
         return None
 
-    def _encode(self, tok: Any, prompt: str) -> tuple[list[int], bool]:
-        """Prompt ids starting with BOS. Returns (ids, bos_in_text): HELM's language-modelling
-        prompts already start with the "</s>" prefix token as text; then no second BOS is added."""
+    def _encode(self, tok: Any, prompt: str) -> tuple[list[int], int]:
+        """Prompt ids as the family's tokenizer would make them for a base model: with BOS for
+        OPT/Llama/Mistral, without for Qwen. Returns (ids, added): `added` is 1 when the BOS was put
+        in front here (it is not part of the text HELM sees), 0 when there is none or the text
+        already starts with it (HELM's language-modelling prompts start with "</s>" as text)."""
+        from ..engine.families import FAMILIES
         ids = tok.encode(prompt, add_special_tokens=False)
         bos = tok.bos_token_id
-        if bos is None:
-            return ids, False
-        if ids[:1] == [bos]:
-            return ids, True
-        return [bos] + ids, False
+        if bos is None or not FAMILIES[self.spec.family].add_bos or ids[:1] == [bos]:
+            return ids, 0
+        return [bos] + ids, 1
 
     @staticmethod
     def _stops(tok: Any, stops: Sequence[str], texts: list[str]) -> tuple[set[int], list[tuple[int, ...]]]:
@@ -435,9 +448,7 @@ class FlexGenClient(CachingClient):
 
     def _stop_args(self, tok: Any, stops: Sequence[str]) -> tuple[list[int], list[tuple[int, ...]]]:
         ids, seqs = self._stops(tok, stops, _vocab_texts(tok))
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        return sorted(ids), seqs
+        return sorted(ids | self._eos_ids(tok)), seqs
 
     @staticmethod
     def _generate(engine: Any, batch: Batch, stops: tuple[list[int], list[tuple[int, ...]]],
@@ -454,18 +465,16 @@ class FlexGenClient(CachingClient):
         """Engine output -> HELM-cacheable dicts, cut at the first stop string."""
         texts = _vocab_texts(tok)
         p = batch.params
-        eos = tok.eos_token_id
+        eos = self._eos_ids(tok)
         out = []
         for j, it in enumerate(batch.items):
             prompt = requests[it.index].prompt
             echo: tuple[list[str], list[float]] = ([], [])
             if p.echo_prompt:
-                _, bos_in_text = self._encode(tok, prompt)
+                _, added = self._encode(tok, prompt)
                 plp = list(res.prompt_logprobs[j] or [])
-                if bos_in_text:  # the BOS is part of the text: HELM counts it as a token
-                    echo = ([texts[t] for t in it.ids], [0.0] + plp)
-                else:
-                    echo = ([texts[t] for t in it.ids[1:]], plp)
+                # every token of the text is echoed; the first one of the sequence has no logprob
+                echo = ([texts[t] for t in it.ids[added:]], ([] if added else [0.0]) + plp)
             completions = []
             per = len(res.sequences) // len(batch.items)  # 1 when greedy or scoring only: copies
             for c in range(p.num_completions):
@@ -473,7 +482,7 @@ class FlexGenClient(CachingClient):
                 seq, lps = list(res.sequences[row]), list(res.logprobs[row])
                 tops = list(res.top_logprobs[row]) if res.top_logprobs else []
                 reason = "length"
-                if seq and eos is not None and seq[-1] == eos:
+                if seq and seq[-1] in eos:
                     seq, lps, tops, reason = seq[:-1], lps[:-1], tops[:-1], "stop"
                 tok_texts = [texts[t] if t < len(texts) else "" for t in seq]
                 k, pos = cut_at_stop(tok_texts, p.stop_sequences)

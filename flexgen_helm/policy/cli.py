@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     if "policy" not in subparsers.choices:
         p = subparsers.add_parser("policy", help="search the offloading policy for a model, workload and memory",
                                   description=_cmd_policy.__doc__)
-        p.add_argument("--model", required=True, help="opt-30b, facebook/opt-1.3b, dummy:opt-125m or a checkpoint dir")
+        p.add_argument("--model", required=True,
+                       help="a public size (opt-30b, llama-3.1-70b, mistral-7b, qwen2.5-72b, qwen3-8b, ...), "
+                            "a hub id (meta-llama/Llama-3.1-8B), dummy:NAME or a checkpoint dir")
         p.add_argument("--gpu-mem", required=True, help="budget of the compute tier, e.g. 16GB")
         p.add_argument("--cpu-mem", default=None, help="host memory budget, e.g. 200GB (default: unlimited)")
         p.add_argument("--disk-mem", default=None, help="disk budget, e.g. 1.5TB (default: unlimited; 0 = no disk)")
@@ -41,9 +43,10 @@ def register(subparsers) -> None:
 def _cmd_profile(args) -> int:
     """Measure host<->compute copies, disk read/write (page cache bypassed), matmul, attention and
     dequantization speeds, and cache the profile for the policy search."""
+    from ..engine.config import default_dtype
     from .profiler import cache_path, measure_profile
     device = args.device.split(":")[0]
-    dtype = args.dtype or ("float16" if device == "cuda" else "bfloat16")
+    dtype = args.dtype or default_dtype(device)
     prof = measure_profile(device=args.device, dtype=dtype, offload_dir=args.offload_dir,
                            budget_s=args.seconds, log=print)
     path = cache_path(device, dtype)
@@ -59,22 +62,12 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
 
 
-def describe_policy(p) -> str:
-    s = (f"gpu_batch_size={p.gpu_batch_size} num_gpu_batches={p.num_gpu_batches} (block {p.block_size})\n"
-         f"  --percent {p.w_gpu_percent:g} {p.w_cpu_percent:g} {p.cache_gpu_percent:g} {p.cache_cpu_percent:g} "
-         f"{p.act_gpu_percent:g} {p.act_cpu_percent:g}   (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu;"
-         " rest on disk)\n"
-         f"  cpu_cache_compute={p.cpu_cache_compute} compress_weight={p.compress_weight} "
-         f"compress_cache={p.compress_cache}")
-    return s
-
-
 def _cmd_policy(args) -> int:
     """Search the policy (batch shape, placement of weights / KV cache / activations over the
     gpu, cpu and disk tiers, CPU attention, compression) with the highest predicted throughput."""
     from ..engine.config import MemoryBudget, parse_bytes
     from ..engine.model_spec import load_spec
-    from .profiler import load_or_measure, load_profile
+    from .profiler import load_or_measure, load_profile, profile_dtype
     from .search import search
 
     spec = load_spec(args.model)
@@ -83,15 +76,15 @@ def _cmd_policy(args) -> int:
         hw = load_profile(args.profile)
     else:
         device = (args.device or "cpu").split(":")[0]
-        dtype = {2: "float16" if device == "cuda" else "bfloat16", 4: "float32"}.get(args.dtype_bytes, "float16")
-        hw = load_or_measure(device, dtype, log=print, hidden=spec.hidden, embed_dim=spec.embed_dim)
+        hw = load_or_measure(device, profile_dtype(device, args.dtype_bytes), log=print, spec=spec)
     res = search(spec, prompt_len=args.prompt_len, gen_len=args.gen_len, budget=budget, hw=hw,
                  dtype_bytes=args.dtype_bytes, num_prompts=args.num_prompts,
                  allow_compression=args.allow_compression, use_machine_memory=args.profile is None)
     est = res.best.estimate
     print(f"{spec.name}, prompt {args.prompt_len} + gen {args.gen_len}, profile {hw.name}, "
           f"budgets gpu={args.gpu_mem} cpu={args.cpu_mem or 'unlimited'} disk={args.disk_mem or 'unlimited'}")
-    print("policy: " + describe_policy(est.policy))
+    print(f"policy: {est.policy.describe()}   (batch x micro-batches, gpu/cpu/disk % of weights, KV cache, "
+          "activations)")
     print(f"predicted: generation {est.throughput:.3f} tok/s (gen tokens / (prefill + decode)), "
           f"prefill {est.prefill_throughput:.1f} tok/s, decode {est.decode_throughput:.3f} tok/s")
     print(f"  one block: prefill {est.prefill_s:.1f} s + decode {est.decode_s:.1f} s = {est.block_s:.1f} s")
@@ -101,7 +94,7 @@ def _cmd_policy(args) -> int:
     print(f"({len(res.candidates)} candidates from {res.lps_solved} LPs)")
     for c in res.candidates[1:1 + args.top]:
         e = c.estimate
-        print(f"  alt {e.throughput:.3f} tok/s: " + describe_policy(e.policy).replace("\n", " "))
+        print(f"  alt {e.throughput:.3f} tok/s: {e.policy.describe()}")
     if args.json:
         out = est.to_dict()
         out.update({"model": spec.name, "profile": hw.name, "total_s": res.best.total_s,

@@ -23,7 +23,10 @@ evaluate a given Policy (`estimate`) and become LP constraints (search.py). Vari
   zw ug uc   indicators (BlockModel.indicators): some weights on disk; cache staging buffers exist
              on the compute tier / on the host
 Memory per tier mirrors placement.memory_plan, the engine's own accounting (the search re-checks
-its answers with memory_plan itself).
+its answers with memory_plan itself). Every byte and FLOP of the model is counted by its ModelSpec
+(layer_matmul_flops, attention_flops, head_flops, kv_bytes_per_token, ...), so the same model of
+time holds for every family: with GQA the KV cache, its moves and its (de)quantization are
+kv_heads x head_dim wide, while activations between layers stay hidden wide.
 """
 from __future__ import annotations
 
@@ -193,7 +196,8 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     ccfg = comp_cache_config or Policy().comp_cache_config
     es = dtype_bytes
     cuda = hw.device == "cuda"
-    h, f, L, V, E = spec.hidden, spec.ffn, spec.num_layers, spec.vocab_size, spec.embed_dim
+    h, L, V = spec.hidden, spec.num_layers, spec.vocab_size
+    kv_tok = spec.kv_bytes_per_token(es)  # K and V of one position in one layer
     b, K, s, n = gbs, ngb, prompt_len, gen_len
     ccc = cpu_cache_compute
     (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg)
@@ -202,7 +206,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     max_dn = max(emb_dn, dec_dn, head_dn)
     capacity = s + max(n, 1)
     blk = _cache_block_bytes(spec, b, capacity, es, compress_cache, ccfg)
-    dense_blk = 2 * b * capacity * h * es
+    dense_blk = b * capacity * kv_tok
     stored_ratio = blk / dense_blk  # cache bytes stored (and moved) per dense byte
     nblocks = L * K
 
@@ -243,7 +247,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     mixed_extra = max(0.0, 1.0 / hw.disk_read_mixed_bw - rd_serial) if hw.disk_read_mixed_bw else 0.0
     share = not hw.copy_overlaps_compute  # CPU compute device: copies steal the compute cores
 
-    def mm(rows: int, flops: float, prefill: bool) -> float:
+    def mm(rows: float, flops: float, prefill: bool) -> float:
         return flops / hw.mm_rate(rows, prefill)
 
     # ---- weight staging of one layer (pool thread), as Lin in the placement variables ---------
@@ -275,34 +279,38 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         over "h2d", disk "rd" and disk "wr"."""
         t = s if prefill else 1
         rows = b * t
-        flops = 2 * rows * (4 * h * h + 2 * h * f)
-        rate = hw.layer_rate(rows, h, prefill)  # whole measured layers when the profile has them
+        flops = spec.layer_matmul_flops(rows)
+        rate = hw.layer_rate(rows, spec)  # whole measured layers when the profile has them
         math_s = hw.sched_overhead_s + (flops / rate if rate else ov + mm(rows, flops, prefill))
         moves = act_move(t) * K
         if prefill:
-            c = const(K * (math_s + hw.attn_prefill_overhead_s + 2 * b * s * s * h / hw.attn_prefill_flops))
-            new = 2 * b * s * h * es * stored_ratio  # K/V of the prompt, per micro-batch
+            # causal: each of the b*s queries sees half the prompt on average
+            attn_s = spec.attention_flops(b * s, s / 2) / hw.attn_prefill_flops
+            c = const(K * (math_s + hw.attn_prefill_overhead_s + attn_s))
+            new = b * s * kv_tok * stored_ratio  # K/V of the prompt, per micro-batch
             if compress_cache:
-                c = c + const(K * 2 * b * s * h * es / hw.quant_bw)
+                c = c + const(K * b * s * kv_tok / hw.quant_bw)
             # host copies happen on the compute stream; disk blocks go through the host then the pool
             c = c + (var("cc", K * new * d2h) + var("cd", K * new * d2h)) + moves
             return {"compute": c, "busy": c, "copy": Lin(), "h2d": Lin(), "rd": Lin(), "wr": var("cd", K * new)}
         # Decode: the cache prefix of (layer, micro-batch) k+1 is fetched while k computes, so each
         # pair lasts max(its compute, its fetch). Blocks sit whole on one tier, so the sum over
         # pairs is linear in the cache fractions: K * sum_tier fraction * max(compute, fetch).
-        dense = 2 * b * ctx * h * es  # K+V attended per micro-batch
+        dense = b * ctx * kv_tok  # K+V attended per micro-batch
         moved = dense * stored_ratio  # what a prefix load moves
-        new = 2 * b * h * es * stored_ratio
+        new = b * kv_tok * stored_ratio
         base = math_s + hw.attn_decode_overhead_s
         if compress_cache:  # new entries are quantized (and read back) on the compute thread
-            base += 2 * b * h * es / hw.quant_bw + 2 * b * h * es / hw.dequant_bw
+            base += b * kv_tok / hw.quant_bw + b * kv_tok / hw.dequant_bw
         # Compressed blocks are dequantized by the fetch (I/O thread) where attention runs: on a
         # CUDA device that is GPU time like any kernel (it adds to compute); on a CPU device it is
         # CPU work beside compute (it adds to the fetch and to the copies competing for cores).
         deq_all = dense / hw.dequant_bw if compress_cache else 0.0
         deq = 0.0 if cuda else deq_all
         dev_attn = dense / hw.attn_decode_bw + (deq_all if cuda else 0.0)
-        host_attn = dense / hw.host_attn_decode_bw + 3 * b * h * es * d2h + b * h * es * h2d
+        # q, k, v of the new token to the host; the attention output (q wide) back
+        qkv_b = b * (spec.q_width + 2 * spec.kv_width) * es
+        host_attn = dense / hw.host_attn_decode_bw + qkv_b * d2h + b * spec.q_width * es * h2d
         cpu = not cuda
         # tier: (compute s, fetch s, CPU copy s in the fetch, host->compute B, disk read B)
         if ccc:
@@ -335,18 +343,17 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         return {"compute": c, "busy": busy, "copy": copy, "h2d": h2d_b, "rd": rd_b, "wr": wr_b}
 
     def head_compute(prefill: bool) -> Lin:
-        logits = 2 * b * V * E  # last position only
-        extra = 2 * b * E * h if spec.has_projections else 0
-        rate = hw.head_rate(b, E)  # measured head + greedy sampling when the profile has it
+        flops = spec.head_flops(b)  # last position only
+        rate = hw.head_rate(b, spec)  # measured head + greedy sampling when the profile has it
         if rate:
-            t_head = logits / rate + (mm(b, extra, False) if extra else 0.0)
+            t_head = flops / rate
         else:  # sampling reads the fp32 logits a few times (softmax, top-k/argmax)
-            t_head = ov * 0.5 + mm(b, logits + extra, False) + 4 * b * V * 4 * dev_copy
+            t_head = ov * 0.5 + mm(b, flops, False) + 4 * b * V * 4 * dev_copy
         return const(K * (t_head + hw.sched_overhead_s)) + act_move(1) * K
 
     def emb_compute(prefill: bool) -> Lin:
         t = s if prefill else 1
-        proj = mm(b * t, 2 * b * t * E * h, prefill) if spec.has_projections else 0.0
+        proj = mm(b * t, spec.embed_flops(b * t), prefill) if spec.has_projections else 0.0
         return const(K * (ov * 0.3 + hw.sched_overhead_s + proj + 2 * b * t * h * es * dev_copy))
 
     def slots_for(prefill: bool, ctx: float, count: float, tag: str) -> list[Slot]:
@@ -389,7 +396,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     w_h2d = sum((wch[k][1] * c for k, c in (("emb", 1), ("dec", L), ("head", 1))), Lin()) * steps
     w_rd = var("wd", W_st * steps)
     tot_dec = sum(cnt * (ctx - 0) for cnt, ctx in decode_segments(s, n))
-    cache_rd_per_pos = 2 * b * h * es * stored_ratio * L * K
+    cache_rd_per_pos = b * kv_tok * stored_ratio * L * K
     links = {
         "weights host->compute": w_h2d,
         "weights disk read": w_rd,

@@ -21,12 +21,57 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
-from ..engine.config import ConfigError
+from ..engine.config import ConfigError, default_dtype
+
+if TYPE_CHECKING:
+    from ..engine.model_spec import ModelSpec
 
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 SCHEMA = 2
+OPT_VOCAB = 50272
+CurveKey = Union[int, str]  # see layer_key / head_key
+Curves = dict[CurveKey, list[tuple[int, float]]]
+
+
+def layer_key(spec: "ModelSpec") -> CurveKey:
+    """Key of a decoder layer's shape in `layer_curves`. An OPT layer (ffn = 4 x hidden, heads as
+    wide as hidden) is keyed by its hidden size, as in profiles measured before other families
+    existed, so those stay valid; any other layer by 'family:hidden:ffn:heads:kv_heads:head_dim'."""
+    if spec.family == "opt" and spec.ffn == 4 * spec.hidden and spec.q_width == spec.kv_width == spec.hidden:
+        return spec.hidden
+    return f"{spec.family}:{spec.hidden}:{spec.ffn}:{spec.num_heads}:{spec.num_kv_heads}:{spec.head_dim}"
+
+
+def head_key(spec: "ModelSpec") -> CurveKey:
+    """Key of an LM head's shape in `head_curves`: the embedding width for OPT's (vocabulary 50272,
+    no projection), else 'family:hidden:embed_dim:vocab'."""
+    if spec.family == "opt" and spec.vocab_size == OPT_VOCAB and not spec.has_projections:
+        return spec.embed_dim
+    return f"{spec.family}:{spec.hidden}:{spec.embed_dim}:{spec.vocab_size}"
+
+
+def opt_probe_spec(hidden: int, vocab: int = OPT_VOCAB) -> "ModelSpec":
+    """One OPT decoder layer of width `hidden` (ffn 4 x hidden), the shape behind an integer curve
+    key: the public size of that width when there is one (its heads), else heads of 64."""
+    from dataclasses import replace
+
+    from ..engine.families import FAMILIES
+    from ..engine.model_spec import spec_from_name
+    for name, cfg in FAMILIES["opt"].sizes.items():
+        if cfg["hidden_size"] == hidden and "word_embed_proj_dim" not in cfg and vocab == OPT_VOCAB:
+            return spec_from_name(name).probe(1)
+    if hidden % 64:
+        raise ConfigError(f"an OPT-shaped probe layer needs a width divisible by 64, got {hidden}")
+    heads = hidden // 64
+    return replace(spec_from_name("opt-125m").probe(1), name=f"opt-h{hidden}-probe", hidden=hidden,
+                   num_heads=heads, num_kv_heads=heads, head_dim=64, ffn=4 * hidden, vocab_size=vocab)
+
+
+def profile_dtype(device: str, dtype_bytes: int) -> str:
+    """The compute dtype a profile is measured in for `dtype_bytes`-byte elements."""
+    return "float32" if dtype_bytes == 4 else default_dtype(device)
 
 
 @dataclass
@@ -53,12 +98,15 @@ class HardwareProfile:
     mm_curve: list[tuple[int, float]] = field(default_factory=list)
     mm_flops_prefill: float | None = None
     mm_flops_decode: float | None = None
-    # Whole decoder layers (the engine's own layer function: matmuls, norms, bias, residuals, op
-    # dispatch) per model width: {hidden: [(rows, FLOP/s counted as 2*rows*(4h^2 + 2h*ffn))]}; and the
-    # LM head with greedy sampling per embedding width (FLOPs 2*rows*vocab*E). Used when present.
-    layer_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    head_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    attn_prefill_flops: float = 1e12  # prompt attention on the compute device, on 2*b*s*s*h FLOPs
+    # Whole decoder layers (the engine's own layer function: matmuls, norms, bias, rotary, residuals,
+    # op dispatch) per layer shape (layer_key): [(rows, FLOP/s counted as ModelSpec.layer_matmul_flops)];
+    # and the LM head with greedy sampling per head shape (head_key; FLOPs ModelSpec.head_flops).
+    # Used when present.
+    layer_curves: Curves = field(default_factory=dict)
+    head_curves: Curves = field(default_factory=dict)
+    # prompt attention on the compute device, in FLOPs of ModelSpec.attention_flops (causal: each
+    # query against half the prompt on average)
+    attn_prefill_flops: float = 1e12
     attn_prefill_overhead_s: float = 0.0  # fixed cost per prompt-attention call
     attn_decode_bw: float = 1e11  # K+V bytes attended per second, compute device
     attn_decode_overhead_s: float = 0.0  # fixed cost per decode-attention call
@@ -87,12 +135,14 @@ class HardwareProfile:
             return rate
         return _interp_rows(self.mm_curve, rows)
 
-    def layer_rate(self, rows: int, hidden: int, prefill: bool) -> float | None:
-        """FLOP/s of a whole decoder layer (None: no layer curves, use mm_rate + overheads)."""
-        return _interp_2d(self.layer_curves, rows, hidden)
+    def layer_rate(self, rows: int, spec: "ModelSpec") -> float | None:
+        """FLOP/s of one of `spec`'s decoder layers on `rows` tokens: its own measured curve, else
+        the OPT-shaped curves at its hidden width (None: no layer curves, use mm_rate + overheads)."""
+        return _curve_rate(self.layer_curves, rows, layer_key(spec), spec.hidden)
 
-    def head_rate(self, rows: int, embed_dim: int) -> float | None:
-        return _interp_2d(self.head_curves, rows, embed_dim)
+    def head_rate(self, rows: int, spec: "ModelSpec") -> float | None:
+        """FLOP/s of `spec`'s LM head with greedy sampling, likewise."""
+        return _curve_rate(self.head_curves, rows, head_key(spec), spec.embed_dim)
 
     # ---- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -114,7 +164,7 @@ class HardwareProfile:
         kw = {k: v for k, v in d.items() if k in known}
         kw["mm_curve"] = [(int(r), float(f)) for r, f in kw.get("mm_curve", [])]
         for k in ("layer_curves", "head_curves"):
-            kw[k] = {int(w): [(int(r), float(f)) for r, f in c] for w, c in kw.get(k, {}).items()}
+            kw[k] = {_read_key(w): [(int(r), float(f)) for r, f in c] for w, c in kw.get(k, {}).items()}
         return cls(**kw)
 
     def to_json(self, path: str) -> None:
@@ -146,6 +196,19 @@ def _interp_rows(curve: list[tuple[int, float]], rows: float) -> float:
             t = math.log(rows / r0) / math.log(r1 / r0)
             return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
     return pts[-1][1]
+
+
+def _read_key(key: str | int) -> CurveKey:
+    """JSON object keys are strings: OPT widths back to int."""
+    return int(key) if str(key).isdigit() else str(key)
+
+
+def _curve_rate(curves: Curves, rows: float, key: CurveKey, width: int) -> float | None:
+    """The curve of exactly this shape when measured, else the OPT-shaped (integer-keyed) curves
+    interpolated at `width` (a profile of another machine, measured for other models)."""
+    if key in curves:
+        return _interp_rows(curves[key], rows)
+    return _interp_2d({w: c for w, c in curves.items() if isinstance(w, int)}, rows, width)
 
 
 def _interp_2d(curves: dict[int, list[tuple[int, float]]], rows: float, width: int) -> float | None:
@@ -187,11 +250,11 @@ def cache_path(device: str, dtype: str) -> str:
 
 def load_or_measure(device: str = "cpu", dtype: str | None = None, offload_dir: str | None = None,
                     refresh: bool = False, log: Callable[[str], None] | None = None,
-                    hidden: int | None = None, embed_dim: int | None = None) -> HardwareProfile:
+                    spec: "ModelSpec | None" = None) -> HardwareProfile:
     """The cached profile for this machine, device and dtype, measuring (and caching) it if absent.
-    With a model's `hidden` / `embed_dim`, its layer and LM-head curves are measured at exactly
-    those widths if the profile lacks them (seconds), and cached too."""
-    dtype = dtype or ("float16" if device.startswith("cuda") else "bfloat16")
+    With a model's `spec`, its decoder-layer and LM-head curves are measured on its own shapes if
+    the profile lacks them (seconds), and cached too."""
+    dtype = dtype or default_dtype(device)
     path = cache_path(device, dtype)
     prof = None
     if not refresh and os.path.exists(path):
@@ -202,21 +265,24 @@ def load_or_measure(device: str = "cpu", dtype: str | None = None, offload_dir: 
     if prof is None:
         prof = measure_profile(device=device, dtype=dtype, offload_dir=offload_dir, log=log)
         prof.to_json(path)
-    wider = with_widths(prof, hidden, embed_dim, log=log)
+    if spec is None:
+        return prof
+    wider = with_widths(prof, spec, log=log)
     if wider is not prof:
         wider.to_json(path)
     return wider
 
 
-def with_widths(prof: HardwareProfile, hidden: int | None, embed_dim: int | None, budget_s: float = 20.0,
+def with_widths(prof: HardwareProfile, spec: "ModelSpec", budget_s: float = 20.0,
                 log: Callable[[str], None] | None = None) -> HardwareProfile:
-    """The profile with decoder-layer curves at `hidden` and LM-head curves at `embed_dim` measured
-    on this machine if it lacks them. Interpolating between widths misleads (on a 2-core Xeon,
-    opt-350m's 1024-wide layers ran ~610 GFLOP/s where the 768 and 2048 curves said ~440), so the
-    model's own width is measured. Profiles of other machines are left alone."""
-    need_h = hidden is not None and hidden not in prof.layer_curves
-    need_e = embed_dim is not None and embed_dim not in prof.head_curves
-    if not (need_h or need_e) or prof.source != "measured" or prof.meta.get("host") != platform.node():
+    """The profile with curves of `spec`'s own decoder layer (family, hidden, ffn, heads, kv heads,
+    head_dim) and LM head measured on this machine if it lacks them. Interpolating between widths
+    misleads (on a 2-core Xeon, opt-350m's 1024-wide layers ran ~610 GFLOP/s where the 768 and
+    2048 curves said ~440), and so would another family's layer, so the model's own shape is
+    measured. Profiles of other machines are left alone."""
+    need_layer = layer_key(spec) not in prof.layer_curves
+    need_head = head_key(spec) not in prof.head_curves
+    if not (need_layer or need_head) or prof.source != "measured" or prof.meta.get("host") != platform.node():
         return prof
     import torch
     dev = torch.device(prof.device)
@@ -224,23 +290,26 @@ def with_widths(prof: HardwareProfile, hidden: int | None, embed_dim: int | None
         return prof
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     layers_, heads = _measure_curves(dev, getattr(torch, prof.dtype), sync, budget_s / 20,
-                                     (hidden,) if need_h else (), (embed_dim,) if need_e else (),
+                                     (spec,) if need_layer else (), (spec,) if need_head else (),
                                      log or (lambda s: None))
     return dataclasses.replace(prof, layer_curves={**prof.layer_curves, **layers_},
                                head_curves={**prof.head_curves, **heads})
 
 
-def _measure_curves(dev, tdtype, sync, per: float, widths: tuple[int, ...], head_widths: tuple[int, ...],
-                    log: Callable[[str], None]) -> tuple[dict, dict]:
-    """Decoder-layer curves at `widths` and LM-head curves at `head_widths` (`per`: a probe's
-    seconds in measure_profile; each curve point gets a quarter of it)."""
+def _measure_curves(dev, tdtype, sync, per: float, layer_specs: tuple["ModelSpec", ...],
+                    head_specs: tuple["ModelSpec", ...], log: Callable[[str], None]) -> tuple[Curves, Curves]:
+    """Decoder-layer curves of `layer_specs` and LM-head curves of `head_specs`, keyed by
+    layer_key / head_key (`per`: a probe's seconds in measure_profile; each curve point gets a
+    quarter of it)."""
     on_cuda = dev.type == "cuda"
-    layer_curves = {w: _layer_curve(dev, tdtype, sync, per / 4, w, on_cuda) for w in widths}
-    for w, c in layer_curves.items():
-        log(f"decoder layer h={w}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
-    head_curves = {e: _head_curve(dev, tdtype, sync, per / 4, e) for e in head_widths}
-    for e, c in head_curves.items():
-        log(f"LM head E={e}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    layer_curves: Curves = {}
+    for spec in layer_specs:
+        c = layer_curves[layer_key(spec)] = _layer_curve(dev, tdtype, sync, per / 4, spec, on_cuda)
+        log(f"decoder layer {layer_key(spec)}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
+    head_curves: Curves = {}
+    for spec in head_specs:
+        c = head_curves[head_key(spec)] = _head_curve(dev, tdtype, sync, per / 4, spec)
+        log(f"LM head {head_key(spec)}: " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in c) + " GFLOP/s")
     return layer_curves, head_curves
 
 
@@ -266,12 +335,14 @@ def _timeit(fn: Callable[[], object], sync: Callable[[], None], min_time: float,
 def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: str | None = None,
                     budget_s: float = 20.0, disk_mb: int = 256, hidden: int = 2048,
                     widths: tuple[int, ...] | None = None, head_widths: tuple[int, ...] | None = None,
-                    quick: bool = False, log: Callable[[str], None] | None = None) -> HardwareProfile:
+                    specs: tuple["ModelSpec", ...] = (), quick: bool = False,
+                    log: Callable[[str], None] | None = None) -> HardwareProfile:
     """Measure this machine. `budget_s` scales the time spent per probe (the default takes ~40 s on
     two CPU cores); `disk_mb` is the file size for the disk probe, `hidden` the width of the plain
-    matmul probe, `widths` the model widths of the decoder-layer and LM-head probes (weights are
-    cycled over copies larger than typical caches so that reads are real). `quick`: small buffers
-    and no cache-busting copies (tests)."""
+    matmul probe, `widths` / `head_widths` the widths of OPT-shaped decoder-layer and LM-head probes,
+    `specs` models whose own layer and head shapes are probed too (weights are cycled over copies
+    larger than typical caches so that reads are real). `quick`: small buffers and no cache-busting
+    copies (tests)."""
     import torch
 
     from ..engine import compression, layers
@@ -314,18 +385,26 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     del pairs
     log("matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in curve) + " GFLOP/s (rows:rate)")
 
-    # -- whole decoder layers and LM heads, with the engine's functions, at a few widths
-    widths = widths or ((1024, 4096, 8192) if on_cuda else (768, 2048, 4096))
-    layer_curves, head_curves = _measure_curves(dev, tdtype, sync, per, widths, head_widths or widths[:2], log)
+    # -- whole decoder layers and LM heads, with the engine's functions, at a few OPT widths and the
+    # shapes of the given models
+    if widths is None:
+        widths = (1024, 4096, 8192) if on_cuda else (768, 2048, 4096)
+    if head_widths is None:
+        head_widths = widths[:2]
+    layer_specs = tuple(opt_probe_spec(w) for w in widths) + tuple(specs)
+    head_specs = tuple(opt_probe_spec(e) for e in head_widths) + tuple(specs)
+    layer_curves, head_curves = _measure_curves(dev, tdtype, sync, per, layer_specs, head_specs, log)
 
-    # -- attention with the engine's kernels, fitted as fixed cost + size / rate from two sizes
-    heads, d = 16, 64
-    h_att = heads * d
+    # -- attention with the engine's kernels, fitted as fixed cost + size / rate from two sizes;
+    # counted with ModelSpec's formulas on a 16-head, 64-wide-head shape
+    att = opt_probe_spec(1024)
+    heads, d = att.num_heads, att.head_dim
 
     def prefill_probe(b: int, s: int) -> tuple[float, float]:
         q = torch.randn(b, heads, s, d, device=dev).to(tdtype)
         mask = torch.ones(b, s, dtype=torch.bool, device=dev)
-        return 2 * b * s * s * h_att, _timeit(lambda: layers.prefill_attention(q, q, q, mask), sync, per / 2)
+        flops = att.attention_flops(b * s, s / 2)  # causal: half the prompt per query on average
+        return flops, _timeit(lambda: layers.prefill_attention(q, q, q, mask), sync, per / 2)
     attn_pre, attn_pre_ov = _fit(prefill_probe(1, 64), prefill_probe(4, 512))
 
     def decode_probe(rows: int, ctx: int, where) -> tuple[float, float]:
@@ -343,7 +422,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
             it[0] += 1
             layers.decode_attention(q1, b[0, :, :, :ctx], b[1, :, :, :ctx], m1)
         sy = sync if where == dev else (lambda: None)
-        return 2 * rows * heads * ctx * d * esize, _timeit(call, sy, per / 2)
+        return rows * ctx * att.kv_bytes_per_token(esize), _timeit(call, sy, per / 2)
     attn_dec, attn_dec_ov = _fit(decode_probe(4, 128, dev), decode_probe(16, 1024, dev))
     if on_cuda:
         host_dec, _ = _fit(decode_probe(4, 128, torch.device("cpu")), decode_probe(16, 1024, torch.device("cpu")))
@@ -461,17 +540,36 @@ def _fit(small: tuple[float, float], large: tuple[float, float]) -> tuple[float,
     return rate, max(0.0, t0 - w0 / rate)
 
 
-def _opt_layer_weights(h: int, dev, tdtype) -> dict:
+def _tiny_opt_spec(num_layers: int = 1) -> "ModelSpec":
+    """An OPT of width 64 (4 heads of 16, vocabulary 512): a layer call there is all dispatch."""
+    from dataclasses import replace
+
+    from ..engine.model_spec import spec_from_name
+    return replace(spec_from_name("opt-125m").probe(num_layers, max_positions=128), name="tiny-probe",
+                   hidden=64, num_heads=4, num_kv_heads=4, head_dim=16, ffn=256, vocab_size=512)
+
+
+def _layer_weights(spec: "ModelSpec", j: int, dev, tdtype) -> dict:
+    """Scheduling layer j of `spec` as layers.py reads it (keyed by role), synthetic values."""
+    from ..engine.weights import DummyReader
+    reader = DummyReader(spec)
+    return {ref.role: reader.get_shaped(ref).to(device=dev, dtype=tdtype) for ref in spec.layer_tensors(j)}
+
+
+def _decode_step(spec: "ModelSpec", rows: int, ctx: int, dev, tdtype):
+    """(x, attend, rotary) for one decode step of `rows` sequences over `ctx` cached positions."""
     import torch
-    f = 4 * h
-    w = {"self_attn_layer_norm.weight": torch.ones(h), "self_attn_layer_norm.bias": torch.zeros(h),
-         "final_layer_norm.weight": torch.ones(h), "final_layer_norm.bias": torch.zeros(h),
-         "fc1.weight": torch.randn(f, h) * 0.02, "fc1.bias": torch.zeros(f),
-         "fc2.weight": torch.randn(h, f) * 0.02, "fc2.bias": torch.zeros(h)}
-    for p in ("q", "k", "v", "out"):
-        w[f"self_attn.{p}_proj.weight"] = torch.randn(h, h) * 0.02
-        w[f"self_attn.{p}_proj.bias"] = torch.zeros(h)
-    return {k: v.to(device=dev, dtype=tdtype) for k, v in w.items()}
+
+    from ..engine import layers
+    from ..engine.rope import Rotary
+    x = torch.randn(rows, 1, spec.hidden, device=dev).to(tdtype)
+    kv = torch.randn(rows, spec.num_kv_heads, ctx, spec.head_dim, device=dev).to(tdtype)
+    mask = torch.ones(rows, ctx, dtype=torch.bool, device=dev)
+    rotary = None
+    if spec.positions == "rotary":
+        pos = torch.full((rows, 1), ctx, dtype=torch.long, device=dev)
+        rotary = Rotary(spec.rope, spec.head_dim).cos_sin(pos, tdtype)
+    return x, (lambda q, k, v: layers.decode_attention(q, kv, kv, mask)), rotary
 
 
 def _best_of_passes(points: tuple[int, ...], measure: Callable[[int], float], passes: int,
@@ -490,32 +588,28 @@ def _best_of_passes(points: tuple[int, ...], measure: Callable[[int], float], pa
     return sorted(best.items())
 
 
-def _layer_curve(dev, tdtype, sync, per: float, h: int, on_cuda: bool, passes: int = 3) -> list[tuple[int, float]]:
-    """FLOP/s of layers.decoder_layer on `rows` one-token sequences (attention over 16 cached
-    positions, so this is the layer without its context-dependent attention)."""
-    import torch
-
+def _layer_curve(dev, tdtype, sync, per: float, spec: "ModelSpec", on_cuda: bool,
+                 passes: int = 3) -> list[tuple[int, float]]:
+    """FLOP/s (ModelSpec.layer_matmul_flops) of layers.decoder_layer with one of `spec`'s decoder
+    layers on `rows` one-token sequences (attention over 16 cached positions, so this is the layer
+    without its context-dependent attention)."""
     from ..engine import layers
-    from ..engine.model_spec import ModelSpec
 
-    spec = ModelSpec("probe", 1, h, h // 64, 4 * h, 512)
-    layer_bytes = 12 * h * h * torch.empty(0, dtype=tdtype).element_size()
+    probe = spec.probe(1)
+    layer_bytes = probe.layer_params(1) * _itemsize(tdtype)
     # a few distinct copies cycled (on a 2-core Xeon with a 300 MB L3, small-row bf16 layers ran at
     # the same speed with weights hot or cold: the kernels, not memory, bound them)
     copies = min(4, _cold_copies(layer_bytes)) if not on_cuda else 1
-    base = _opt_layer_weights(h, dev, tdtype)
+    base = _layer_weights(probe, 1, dev, tdtype)
     ws = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
-    flops_per_row = 2 * (4 * h * h + 2 * h * 4 * h)
+    flops_per_row = probe.layer_matmul_flops(1)
 
     def measure(rows: int) -> float:
-        x = torch.randn(rows, 1, h, device=dev).to(tdtype)
-        kv = torch.randn(rows, spec.num_heads, 16, 64, device=dev).to(tdtype)
-        mask = torch.ones(rows, 16, dtype=torch.bool, device=dev)
-        attend = lambda q, k, v: layers.decode_attention(q, kv, kv, mask)  # noqa: E731
+        x, attend, rotary = _decode_step(probe, rows, 16, dev, tdtype)
         it = [0]
 
         def call() -> None:
-            layers.decoder_layer(ws[it[0] % copies], spec, x, attend)
+            layers.decoder_layer(ws[it[0] % copies], probe, x, attend, rotary)
             it[0] += 1
         return rows * flops_per_row / _timeit(call, sync, per / passes)
     # beyond ~0.5 s per call the curve is flat; larger sizes are extrapolated flat
@@ -525,40 +619,39 @@ def _layer_curve(dev, tdtype, sync, per: float, h: int, on_cuda: bool, passes: i
     return out
 
 
-def _head_curve(dev, tdtype, sync, per: float, e: int, vocab: int = 50272,
-                passes: int = 3) -> list[tuple[int, float]]:
-    """FLOP/s of layers.lm_head on the last position plus greedy sampling (log_softmax, argmax)."""
+def _head_curve(dev, tdtype, sync, per: float, spec: "ModelSpec", passes: int = 3) -> list[tuple[int, float]]:
+    """FLOP/s (ModelSpec.head_flops) of layers.lm_head with `spec`'s head on the last position plus
+    greedy sampling (log_softmax, argmax)."""
     import torch
 
     from ..engine import layers
-    from ..engine.model_spec import ModelSpec
     from ..engine.sampling import SamplingParams, next_tokens
 
-    spec = ModelSpec("probe", 1, e, 1, 4 * e, vocab)  # only its norm and head are used
-    w = {"final_layer_norm.weight": torch.ones(e, device=dev).to(tdtype),
-         "final_layer_norm.bias": torch.zeros(e, device=dev).to(tdtype),
-         "lm_head.weight": (torch.randn(vocab, e, device=dev) * 0.02).to(tdtype)}
+    probe = spec.probe(1)
+    w = _layer_weights(probe, probe.num_layers + 1, dev, tdtype)
     params = SamplingParams()
 
     def measure(rows: int) -> float:
-        x = torch.randn(rows, 1, e, device=dev).to(tdtype)
-        t = _timeit(lambda: next_tokens(layers.lm_head(w, spec, x)[:, 0], params, None), sync, per / passes)
-        return 2 * rows * vocab * e / t
+        x = torch.randn(rows, 1, probe.hidden, device=dev).to(tdtype)
+        t = _timeit(lambda: next_tokens(layers.lm_head(w, probe, x)[:, 0], params, None), sync, per / passes)
+        return probe.head_flops(rows) / t
     return _best_of_passes((1, 4, 16, 64, 256), measure, passes)
+
+
+def _itemsize(tdtype) -> int:
+    import torch
+    return torch.empty(0, dtype=tdtype).element_size()
 
 
 def _engine_overheads(dev, tdtype, offload_dir: str | None, layer_call_s: float,
                       quick: bool = False) -> tuple[float, float]:
     """(schedule overhead per layer and micro-batch, extra cost per disk KV block and decode step),
     from decode steps of the engine on a tiny 8-layer model where the math is negligible."""
-    import torch
-
     from ..engine.config import MemoryBudget, Policy
     from ..engine.engine import Engine
-    from ..engine.model_spec import ModelSpec
     from ..engine.weights import DummyReader
 
-    spec = ModelSpec("probe", 8, 64, 4, 256, 512, max_positions=128)
+    spec = _tiny_opt_spec(num_layers=8)
     L, K, steps, runs = spec.num_layers, 4, (4 if quick else 16), (1 if quick else 3)
     root = tempfile.mkdtemp(prefix="flexgen-profile-", dir=offload_dir)
 
@@ -582,28 +675,13 @@ def _engine_overheads(dev, tdtype, offload_dir: str | None, layer_call_s: float,
 
 
 def _layer_overhead(dev, tdtype, sync, per: float) -> float:
-    import torch
-
+    """Seconds of one decoder-layer call of width 64 on one token: all dispatch, no math."""
     from ..engine import layers
-    from ..engine.model_spec import ModelSpec
 
-    spec = ModelSpec("probe", 1, 64, 4, 256, 512)
-    w = {}
-    for name, shape in (("self_attn_layer_norm.weight", (64,)), ("self_attn_layer_norm.bias", (64,)),
-                        ("final_layer_norm.weight", (64,)), ("final_layer_norm.bias", (64,)),
-                        ("fc1.weight", (256, 64)), ("fc1.bias", (256,)), ("fc2.weight", (64, 256)),
-                        ("fc2.bias", (64,))):
-        w[name] = torch.randn(shape, device=dev).to(tdtype)
-    for p in "qkv":
-        w[f"self_attn.{p}_proj.weight"] = torch.randn(64, 64, device=dev).to(tdtype)
-        w[f"self_attn.{p}_proj.bias"] = torch.zeros(64, device=dev).to(tdtype)
-    w["self_attn.out_proj.weight"] = torch.randn(64, 64, device=dev).to(tdtype)
-    w["self_attn.out_proj.bias"] = torch.zeros(64, device=dev).to(tdtype)
-    x = torch.randn(1, 1, 64, device=dev).to(tdtype)
-    kv = torch.randn(1, 4, 16, 16, device=dev).to(tdtype)
-    mask = torch.ones(1, 16, dtype=torch.bool, device=dev)
-    attend = lambda q, k, v: layers.decode_attention(q, kv, kv, mask)  # noqa: E731
-    return _timeit(lambda: layers.decoder_layer(w, spec, x, attend), sync, per, min_reps=20)
+    spec = _tiny_opt_spec()
+    w = _layer_weights(spec, 1, dev, tdtype)
+    x, attend, rotary = _decode_step(spec, 1, 16, dev, tdtype)
+    return _timeit(lambda: layers.decoder_layer(w, spec, x, attend, rotary), sync, per, min_reps=20)
 
 
 def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:

@@ -91,12 +91,7 @@ def helm_table(profile: str, load_each: bool = True) -> dict:
 
 
 def _pct(p: dict) -> str:
-    pol = Policy.from_dict(p)
-    flags = "".join(f for f, on in ((" cpu-attn", pol.cpu_cache_compute), (" 4bit-W", pol.compress_weight),
-                                    (" 4bit-KV", pol.compress_cache)) if on)
-    return (f"{pol.gpu_batch_size}x{pol.num_gpu_batches} {pol.w_gpu_percent:.0f}/{pol.w_cpu_percent:.0f} "
-            f"{pol.cache_gpu_percent:.0f}/{pol.cache_cpu_percent:.0f} {pol.act_gpu_percent:.0f}/"
-            f"{pol.act_cpu_percent:.0f}{flags}")
+    return Policy.from_dict(p).describe()
 
 
 def main(argv: list[str] | None = None) -> int:

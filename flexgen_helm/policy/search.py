@@ -358,12 +358,11 @@ def auto_policy(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: Memor
                 profile: HardwareProfile | str | None = None) -> Policy:
     """The policy the search picks for this workload on this machine (profile measured and cached
     on first use unless given)."""
-    from .profiler import load_or_measure, load_profile
+    from .profiler import load_or_measure, load_profile, profile_dtype
     dev = device.split(":")[0]
     if profile is None:
-        dtype = {2: "float16" if dev == "cuda" else "bfloat16", 4: "float32"}.get(dtype_bytes, "float16")
-        profile = load_or_measure(dev, dtype, offload_dir=os.environ.get("FLEXGEN_HELM_OFFLOAD_DIR"),
-                                  hidden=spec.hidden, embed_dim=spec.embed_dim)
+        profile = load_or_measure(dev, profile_dtype(dev, dtype_bytes),
+                                  offload_dir=os.environ.get("FLEXGEN_HELM_OFFLOAD_DIR"), spec=spec)
     elif isinstance(profile, str):
         profile = load_profile(profile)
     if profile.device != dev:

@@ -184,11 +184,11 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         if refresh != "none" and max_wait > 0:
             wait_quiet(quiet, max_wait)
         if refresh == "full" or hw is None:
-            hw = measure_profile("cpu", "bfloat16", offload_dir=offload_dir, budget_s=12, widths=(spec.hidden,),
-                                 head_widths=(spec.embed_dim,))
+            hw = measure_profile("cpu", "bfloat16", offload_dir=offload_dir, budget_s=12, widths=(),
+                                 specs=(spec,))
         elif refresh == "io":
             hw = refresh_io(hw, offload_dir)
-        hw = with_widths(hw, spec.hidden, spec.embed_dim)
+        hw = with_widths(hw, spec)
         res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw, dtype_bytes=2,
                      num_prompts=w.num_prompts)
         alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt)
@@ -202,14 +202,14 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         for (role, c), m in zip(picks, measured):
             pol = c.estimate.policy
             if isinstance(m, ConfigError):
-                log(f"[{w.name}] {role:11s} {_short(pol):44s} could not run: {m}")
+                log(f"[{w.name}] {role:11s} {pol.describe():44s} could not run: {m}")
                 continue
             pred_tput = w.num_prompts * w.gen_len / c.total_s
             row = {"role": role, "policy": pol.to_dict(), "pred_s": c.total_s, "pred_throughput": pred_tput,
                    "pred_memory": c.estimate.memory, **m, "ratio": m["throughput"] / pred_tput,
                    "within_budget": _fits(m["peak_memory"], w.budget)}
             rows.append(row)
-            log(f"[{w.name}] {role:11s} {_short(pol):44s} pred {pred_tput:7.2f} tok/s  meas {m['throughput']:7.2f} "
+            log(f"[{w.name}] {role:11s} {pol.describe():44s} pred {pred_tput:7.2f} tok/s  meas {m['throughput']:7.2f} "
                 f"(x{row['ratio']:.2f})  other load {max(r['busy_before'] for r in m['runs']):.0%}  "
                 f"peak ok={row['within_budget']}")
         chosen = rows[0]
@@ -220,12 +220,6 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
     return out
 
 
-def _short(p: Policy) -> str:
-    return (f"{p.gpu_batch_size}x{p.num_gpu_batches} w {p.w_gpu_percent:.0f}/{p.w_cpu_percent:.0f} "
-            f"kv {p.cache_gpu_percent:.0f}/{p.cache_cpu_percent:.0f} act {'gpu' if p.act_gpu_percent else 'cpu'}"
-            f"{' cpu-attn' if p.cpu_cache_compute else ''}")
-
-
 def table(results: list[dict]) -> str:
     lines = ["| workload | budgets gpu/cpu/disk | chosen policy | predicted tok/s | measured tok/s | meas/pred |"
              " alternatives measured tok/s (predicted) | chosen fastest |", "|---|---|---|---|---|---|---|---|"]
@@ -233,7 +227,7 @@ def table(results: list[dict]) -> str:
         w = r["workload"]
         alts = ", ".join(f"{a['throughput']:.2f} ({a['pred_throughput']:.2f})" for a in r["rows"][1:])
         lines.append(f"| {w['name']}: {w['model'][6:]} {w['prompt_len']}+{w['gen_len']} x{w['num_prompts']} | "
-                     f"{w['gpu']}/{w['cpu']}/{w['disk']} | {_short(Policy.from_dict(r['rows'][0]['policy']))} | "
+                     f"{w['gpu']}/{w['cpu']}/{w['disk']} | {Policy.from_dict(r['rows'][0]['policy']).describe()} | "
                      f"{r['chosen_pred']:.2f} | {r['chosen_meas']:.2f} | {r['ratio']:.2f} | {alts} | "
                      f"{'yes' if r['chosen_is_fastest'] else 'no'} |")
     return "\n".join(lines)

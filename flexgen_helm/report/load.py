@@ -279,21 +279,9 @@ def _apportion(b: dict[str, Any]) -> list[tuple]:
 
 
 def policy_label(p: dict[str, Any]) -> str:
-    """Short FlexGen-style policy text: batch sizes and GPU/CPU/disk percentages of weights, cache, activations."""
-    if not p:
-        return ""
-
-    def tiers(kind: str) -> str:
-        g, c = float(p.get(f"{kind}_gpu_percent", 100)), float(p.get(f"{kind}_cpu_percent", 0))
-        return f"{g:g}/{c:g}/{100 - g - c:g}"
-
-    text = (f"{p.get('gpu_batch_size', 1)}x{p.get('num_gpu_batches', 1)} "
-            f"w {tiers('w')} c {tiers('cache')} a {tiers('act')}")
-    if p.get("compress_weight"):
-        text += " w4" if not p.get("comp_weight_config") else f" w{p['comp_weight_config'].get('num_bits', 4)}"
-    if p.get("compress_cache"):
-        text += " c4" if not p.get("comp_cache_config") else f" c{p['comp_cache_config'].get('num_bits', 4)}"
-    return text
+    """The policy's one text form (Policy.describe; engine/config.py is torch-free)."""
+    from ..engine.config import Policy
+    return Policy.from_dict(p).describe() if p else ""
 
 
 def load_suite(output_path: str | Path, suite: str) -> SuiteData:

@@ -17,6 +17,12 @@ class Family:
     add_bos: bool  # does the tokenizer prepend BOS to a prompt (base-model prompting)
     parse: Callable[[dict, str], dict]  # config.json -> ModelSpec keyword arguments
     aliases: dict[str, str] = field(default_factory=dict)
+    hub_ids: dict[str, str] = field(default_factory=dict)  # public name -> hub id of the base model
+    # HELM tokenizer settings (prefix_token, end_of_text_token) by public name; "*" for the rest
+    text_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def tokens_for(self, size: str) -> tuple[str, str]:
+        return self.text_tokens.get(size, self.text_tokens["*"])
 
     def spec(self, config: dict, name: str):
         from ..model_spec import ModelSpec

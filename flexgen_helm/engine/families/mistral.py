@@ -22,6 +22,8 @@ FAMILY = Family(
                                             bos_token_id=1, eos_token_id=2),
     },
     aliases={"mistral-7b": "mistral-7b-v0.1"},
+    hub_ids={"mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1", "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3"},
+    text_tokens={"*": ("<s>", "</s>")},
     add_bos=True,
     parse=_parse,
 )

@@ -57,6 +57,7 @@ FAMILY = Family(
         "opt-66b": _size(64, 9216, 72, 36864),
         "opt-175b": _size(96, 12288, 96, 49152),
     },
+    text_tokens={"*": ("</s>", "</s>")},
     add_bos=True,  # OPT's tokenizer prepends </s> (id 2)
     parse=_parse,
 )
