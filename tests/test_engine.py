@@ -299,3 +299,17 @@ def test_no_overlap_gives_same_result(tiny_opt, ref, tmp_path):
     pol = dataclasses.replace(POLICIES["mixed-30-40-30"], overlap=False)
     with _engine(tiny_opt, pol, tmp_path) as eng:
         assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0]
+
+
+def test_block_wide_decode_matmuls_equal_per_micro_batch(tiny_opt, ref, tmp_path):
+    """Decode runs projections and MLP once over all micro-batches' rows; results are the same."""
+    for block in (True, False):
+        pol = Policy(gpu_batch_size=1, num_gpu_batches=6, w_gpu_percent=40, w_cpu_percent=30,
+                     cache_gpu_percent=30, cache_cpu_percent=40, cpu_cache_compute=True, block_matmul=block)
+        with _engine(tiny_opt, pol, tmp_path) as eng:
+            res = eng.generate(PROMPTS, max_new_tokens=NEW)
+        assert res.sequences == ref[0], block
+        for got, want in zip(res.logprobs, ref[1]):
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+        assert set(res.stats.breakdown) == {"io_wait", "decoder_layers", "head_and_sampling", "embedding"}
+        assert res.stats.breakdown["decoder_layers"] > 0

@@ -66,6 +66,9 @@ class Policy:
     overlap: bool = True
     pin_weight: bool = True
     cpu_cache_compute: bool = False
+    # decode: run each layer's projections and MLP once over all micro-batches' rows (attention
+    # stays per micro-batch); needs gpu_batch_size x num_gpu_batches rows of activations at once
+    block_matmul: bool = True
     compress_weight: bool = False
     comp_weight_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
@@ -124,6 +127,7 @@ class Policy:
         def split(kind: str) -> str:
             return "/".join(f"{round(100 * f, 2):g}" for f in self.fractions(kind))
         flags = [name for name, on in (("cpu-attn", self.cpu_cache_compute),
+                                       ("per-mb-matmul", not self.block_matmul and self.num_gpu_batches > 1),
                                        (f"w{self.comp_weight_config.num_bits}", self.compress_weight),
                                        (f"kv{self.comp_cache_config.num_bits}", self.compress_cache)) if on]
         return " ".join([f"{self.gpu_batch_size}x{self.num_gpu_batches}", "w", split("w"), "kv", split("cache"),

@@ -11,7 +11,7 @@ import torch
 
 from .config import ConfigError, MemoryBudget, Policy, default_dtype
 from .model_spec import ModelSpec, load_spec
-from .placement import act_tier, memory_plan, workspace_nbytes
+from .placement import act_tier, memory_plan, step_workspace_nbytes
 from .rope import Rotary
 from .sampling import SamplingParams
 from .scheduler import BlockTiming, MicroBatch, run_block
@@ -32,6 +32,7 @@ class GenerationStats:
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     page_cache_fallback_reads: int = 0
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds by kind of work, prefill + decode
 
 
 @dataclass
@@ -168,8 +169,8 @@ class Engine:
                 stats.padded_prompt_tokens += ids.numel()
                 mbs.append(MicroBatch(ids.to(self.device), mask.to(self.device), mrows,
                                       [stop_ids[rows[r][0]] for r in mrows], [stop_seqs[rows[r][0]] for r in mrows]))
-            ws = workspace_nbytes(self.spec, gbs, max(m.prompt_len for m in mbs), self.dtype.itemsize,
-                                  gbs * (max(m.prompt_len for m in mbs) if prompt_logprobs else 1))
+            ws = step_workspace_nbytes(self.spec, self.policy, len(mbs), max(m.prompt_len for m in mbs),
+                                       self.dtype.itemsize, prompt_logprobs)
             self.tiers.stats["gpu"].reserve(ws, "compute workspace")
             try:
                 with torch.no_grad():  # not inference_mode: I/O threads write these buffers too
@@ -186,6 +187,8 @@ class Engine:
             if progress is not None:
                 progress(len(block))
         stats.prefill_time, stats.decode_time, stats.io_wait_time = timing.prefill, timing.decode, timing.io_wait
+        stats.breakdown = {"io_wait": timing.io_wait, "decoder_layers": timing.layer_compute,
+                           "head_and_sampling": timing.head, "embedding": timing.embed}
         stats.generated_tokens = sum(len(s) for s in out_seq)
         stats.bytes_moved = {k: v - moved0.get(k, 0) for k, v in self.tiers.bytes_moved.items()}
         stats.peak_memory_bytes = self.tiers.peaks()

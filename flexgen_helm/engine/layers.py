@@ -52,42 +52,64 @@ def embed(w: Weights, spec: ModelSpec, ids: torch.Tensor, positions: torch.Tenso
 
 def _mlp(w: Weights, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
     if spec.mlp == "silu_gated":
+        if "gate_up.weight" in w:  # one matmul for both (stored contiguously)
+            gate, up = _linear(w, "gate_up", x).chunk(2, dim=-1)
+            return _linear(w, "down", F.silu(gate).mul_(up))
         return _linear(w, "down", F.silu(_linear(w, "gate", x)).mul_(_linear(w, "up", x)))
     # in-place activation: one fresh multi-MB tensor fewer per call (page faults on the CPU)
     hid = _linear(w, "fc1", x)
     return _linear(w, "fc2", torch.relu_(hid) if spec.mlp == "relu" else F.gelu(hid))
 
 
+def qkv(w: Weights, spec: ModelSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm (pre-norm models), q/k/v projections and q/k norms of x (..., h) -> (..., H*d), (..., G*d) x 2.
+    Rows are independent here, so any number of micro-batches can go through at once."""
+    H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    y = x if spec.post_norm else norm(w, "attn_norm", x, spec)
+    if "qkv.weight" in w:  # one matmul instead of three (weights stored contiguously: see placement)
+        q, k, v = _linear(w, "qkv", y).split((H * d, G * d, G * d), dim=-1)
+    else:
+        q, k, v = _linear(w, "q", y), _linear(w, "k", y), _linear(w, "v", y)
+    if spec.qk_norm:
+        q = norm(w, "q_norm", q.unflatten(-1, (H, d)), spec).flatten(-2)
+        k = norm(w, "k_norm", k.unflatten(-1, (G, d)), spec).flatten(-2)
+    return q, k, v
+
+
+def attend_heads(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, t: int,
+                 attend: Attend, rotary: CosSin | None = None) -> torch.Tensor:
+    """One micro-batch's attention: q/k/v rows (b*t, width) -> output (b, t, H*d). RoPE is applied
+    here, before K enters the cache, so cached keys are final."""
+    H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q, k = q.reshape(b, t, H, d).transpose(1, 2), k.reshape(b, t, G, d).transpose(1, 2)
+    v = v.reshape(b, t, G, d).transpose(1, 2)
+    if rotary is not None:
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    return attend(q, k, v).transpose(1, 2).reshape(b, t, H * d)
+
+
+def finish_layer(w: Weights, spec: ModelSpec, res: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Output projection, residual adds, norms and MLP: (..., H*d) attention output -> (..., h)."""
+    # in-place residual adds: fewer fresh multi-MB tensors, and on the CPU each one costs page faults
+    x = _linear(w, "o", o).add_(res)
+    if spec.post_norm:
+        x = norm(w, "attn_norm", x, spec)
+    res = x
+    if not spec.post_norm:
+        x = norm(w, "mlp_norm", x, spec)
+    x = _mlp(w, spec, x).add_(res)
+    if spec.post_norm:
+        x = norm(w, "mlp_norm", x, spec)
+    return x
+
+
 def decoder_layer(w: Weights, spec: ModelSpec, x: torch.Tensor, attend: Attend,
                   rotary: CosSin | None = None) -> torch.Tensor:
     """One decoder layer, pre-norm or post-norm (OPT-350m). x: (b, t, h); rotary: cos/sin of the
     new tokens' positions, (b, 1, t, d)."""
-    b, t, h = x.shape
-    H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    post = spec.post_norm
-    res = x
-    if not post:
-        x = norm(w, "attn_norm", x, spec)
-    q = _linear(w, "q", x).view(b, t, H, d)
-    k = _linear(w, "k", x).view(b, t, G, d)
-    v = _linear(w, "v", x).view(b, t, G, d).transpose(1, 2)
-    if spec.qk_norm:
-        q, k = norm(w, "q_norm", q, spec), norm(w, "k_norm", k, spec)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    if rotary is not None:  # before K enters the cache: cached keys are final
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-    o = attend(q, k, v).transpose(1, 2).reshape(b, t, H * d)
-    # in-place residual adds: fewer fresh multi-MB tensors, and on the CPU each one costs page faults
-    x = _linear(w, "o", o).add_(res)
-    if post:
-        x = norm(w, "attn_norm", x, spec)
-    res = x
-    if not post:
-        x = norm(w, "mlp_norm", x, spec)
-    x = _mlp(w, spec, x).add_(res)
-    if post:
-        x = norm(w, "mlp_norm", x, spec)
-    return x
+    b, t, _ = x.shape
+    q, k, v = qkv(w, spec, x)
+    return finish_layer(w, spec, x, attend_heads(spec, q, k, v, b, t, attend, rotary))
 
 
 def lm_head(w: Weights, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:

@@ -128,10 +128,12 @@ class ModelSpec:
             out.append(("lm_head.weight", (self.vocab_size, e)))
         elif 1 <= j <= L:
             out += self._norm("attn_norm", h)
-            for role, rows in (("q", self.q_width), ("k", self.kv_width), ("v", self.kv_width)):
-                out.append((f"{role}.weight", (rows, h)))
-                if self.qkv_bias:
-                    out.append((f"{role}.bias", (rows,)))
+            # q, k, v (and gate, up) weights back to back, then their biases: the weight store can
+            # then view each group as one fused matrix (one matmul instead of three)
+            qkv = (("q", self.q_width), ("k", self.kv_width), ("v", self.kv_width))
+            out += [(f"{role}.weight", (rows, h)) for role, rows in qkv]
+            if self.qkv_bias:
+                out += [(f"{role}.bias", (rows,)) for role, rows in qkv]
             if self.qk_norm:
                 out += [("q_norm.weight", (self.head_dim,)), ("k_norm.weight", (self.head_dim,))]
             out.append(("o.weight", (h, self.q_width)))
@@ -139,10 +141,9 @@ class ModelSpec:
                 out.append(("o.bias", (h,)))
             out += self._norm("mlp_norm", h)
             ins = ("gate", "up") if self.mlp == "silu_gated" else ("fc1",)
-            for role in ins:
-                out.append((f"{role}.weight", (f, h)))
-                if self.mlp_bias:
-                    out.append((f"{role}.bias", (f,)))
+            out += [(f"{role}.weight", (f, h)) for role in ins]
+            if self.mlp_bias:
+                out += [(f"{role}.bias", (f,)) for role in ins]
             down = "down" if self.mlp == "silu_gated" else "fc2"
             out.append((f"{down}.weight", (h, f)))
             if self.mlp_bias:

@@ -105,6 +105,17 @@ def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, voc
     return acts + scores + logits
 
 
+def step_workspace_nbytes(spec: ModelSpec, policy: Policy, micro_batches: int, prompt_len: int, dtype_bytes: int,
+                          prompt_logprobs: bool) -> int:
+    """Compute-tier scratch of the larger phase: a prefill micro-batch, or (block-wide matmuls) one
+    decode step's rows of every micro-batch at once."""
+    rows = policy.gpu_batch_size
+    ws = workspace_nbytes(spec, rows, prompt_len, dtype_bytes, rows * (prompt_len if prompt_logprobs else 1))
+    if policy.block_matmul and micro_batches > 1:
+        ws = max(ws, workspace_nbytes(spec, rows * micro_batches, 1, dtype_bytes, rows))
+    return ws
+
+
 def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, dtype_bytes: int,
                 block_rows: int | None = None, device_is_cuda: bool = False,
                 prompt_logprobs: bool = False) -> dict[str, int]:
@@ -151,6 +162,5 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
         out["cpu" if device_is_cuda else w] += 2 * raw
     act = act_tier(policy)
     out[act] += K * align_up(rows * prompt_len * spec.hidden * dtype_bytes)
-    out["gpu"] += workspace_nbytes(spec, rows, prompt_len, dtype_bytes,
-                                   rows * (prompt_len if prompt_logprobs else 1))
+    out["gpu"] += step_workspace_nbytes(spec, policy, K, prompt_len, dtype_bytes, prompt_logprobs)
     return out

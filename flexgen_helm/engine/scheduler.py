@@ -46,7 +46,10 @@ class MicroBatch:
 class BlockTiming:
     prefill: float = 0.0
     decode: float = 0.0
-    io_wait: float = 0.0
+    io_wait: float = 0.0  # waiting for staged weights or cache prefixes
+    layer_compute: float = 0.0  # decoder layers: projections, attention, MLP
+    head: float = 0.0  # LM head and sampling
+    embed: float = 0.0
 
 
 class _CacheStaging:
@@ -171,6 +174,10 @@ class BlockRun:
         if self.overlap and not last:
             self.pending_layer = self.store.submit((j + 1) % nl)  # next layer streams in while this one runs
         w = layer.weights
+        if 1 <= j <= self.spec.num_layers and step > 0 and self.policy.block_matmul and len(active) > 1:
+            self._decoder_block(j - 1, step, active, w, pipe)
+            self.store.release(layer.slot)
+            return
         for k in active:
             if j == 0:
                 self._embed(k, step, w)
@@ -178,8 +185,10 @@ class BlockRun:
                 self._decoder(j - 1, k, step, w, pipe)
             else:
                 x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
+                t0 = time.perf_counter()
                 _head(self.engine, w, self.mbs[k], x, step, self.max_new, self.params, self.gens.get(k),
                       self.want_prompt_logprobs)
+                self.timing.head += time.perf_counter() - t0
         self.store.release(layer.slot)
 
     def _embed(self, k: int, step: int, w) -> None:
@@ -187,29 +196,64 @@ class BlockRun:
         ids = mb.ids if step == 0 else mb.next_ids
         m = mb.mask[:, :mb.prompt_len + step]
         pos = layers.positions_from_mask(m.long())[:, -ids.shape[1]:]
+        t0 = time.perf_counter()
         if self.engine.rotary is not None:
             self.rotary[k] = self.engine.rotary.cos_sin(pos, self.dtype)
         self.hidden[k] = _to_home(layers.embed(w, self.spec, ids, pos), self.engine.act_home)
+        self.timing.embed += time.perf_counter() - t0
 
     def _decoder(self, l: int, k: int, step: int, w, pipe: _PrefixPipeline) -> None:
-        mb, blk = self.mbs[k], self.caches[l][k]
         x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
+        t0 = time.perf_counter()
+        out = layers.decoder_layer(w, self.spec, x, self._attend_for(l, k, step, pipe), self.rotary[k])
+        self.timing.layer_compute += time.perf_counter() - t0
+        self.hidden[k] = _to_home(out, self.engine.act_home)
+
+    def _decoder_block(self, l: int, step: int, active: list[int], w, pipe: _PrefixPipeline) -> None:
+        """One decoder layer for every active micro-batch with block-wide matmuls: the projections
+        and the MLP run once over all micro-batches' rows (a decode step has only gpu_batch_size rows
+        per micro-batch, far below the matmul's best rate); attention stays per micro-batch, each
+        with its own cache block and prefetch. Beyond FlexGen, which ran every product per micro-batch."""
+        spec = self.spec
+        xs = [_from_home(self.hidden[k], self.engine.act_home, self.dev) for k in active]
+        t0 = time.perf_counter()
+        x_all = torch.cat([x.reshape(-1, spec.hidden) for x in xs])
+        q, kk, v = layers.qkv(w, spec, x_all)
+        outs, r0 = [], 0
+        for k, x in zip(active, xs):
+            b, t, _ = x.shape
+            rows = slice(r0, r0 + b * t)
+            t1 = time.perf_counter()
+            attend = self._attend_for(l, k, step, pipe)  # may wait for this block's cache prefix
+            t0 += time.perf_counter() - t1  # waits are io_wait, not compute
+            outs.append(layers.attend_heads(spec, q[rows], kk[rows], v[rows], b, t, attend, self.rotary[k])
+                        .reshape(b * t, -1))
+            r0 += b * t
+        y = layers.finish_layer(w, spec, x_all, torch.cat(outs))
+        self.timing.layer_compute += time.perf_counter() - t0
+        r0 = 0
+        for k, x in zip(active, xs):
+            b, t, _ = x.shape
+            self.hidden[k] = _to_home(y[r0:r0 + b * t].view(b, t, spec.hidden), self.engine.act_home)
+            r0 += b * t
+
+    def _attend_for(self, l: int, k: int, step: int, pipe: _PrefixPipeline):
+        """The attention callback of (layer l, micro-batch k) at this step; in decode it first waits
+        for the block's cached prefix to be staged (and starts staging the next one)."""
+        mb, blk = self.mbs[k], self.caches[l][k]
         window = self.spec.layer_window(l)
         if step == 0:
-            attend = _prefill_attend(blk, mb, window)
-        else:
-            staged = None
-            if self._needs_stage(blk):
-                if not self.overlap:
-                    self._prefetch(pipe, pipe.cursor, step)
-                self._wait(pipe.futures.pop((l, k)))
-                staged = self.staging[self._where(blk)].dst[pipe.slot_of[(l, k)]]
-                pipe.cursor += 1
-                if self.overlap:
-                    self._prefetch(pipe, pipe.cursor, step)  # next block's prefix loads while this one computes
-            attend = _decode_attend(blk, mb, step, staged, self.ccc, self.dev, window)
-        out = layers.decoder_layer(w, self.spec, x, attend, self.rotary[k])
-        self.hidden[k] = _to_home(out, self.engine.act_home)
+            return _prefill_attend(blk, mb, window)
+        staged = None
+        if self._needs_stage(blk):
+            if not self.overlap:
+                self._prefetch(pipe, pipe.cursor, step)
+            self._wait(pipe.futures.pop((l, k)))
+            staged = self.staging[self._where(blk)].dst[pipe.slot_of[(l, k)]]
+            pipe.cursor += 1
+            if self.overlap:
+                self._prefetch(pipe, pipe.cursor, step)  # next block's prefix loads while this one computes
+        return _decode_attend(blk, mb, step, staged, self.ccc, self.dev, window)
 
     def _prefetch(self, pipe: _PrefixPipeline, i: int, step: int) -> None:
         if i >= len(pipe.order):

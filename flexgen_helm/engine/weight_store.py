@@ -152,12 +152,45 @@ class WeightStore:
                                         self.dtype, out=dst)
                 deq_off += n
                 out[s.role] = dst
+            _fuse(out, "qkv", ("q", "k", "v"))
+            _fuse(out, "gate_up", ("gate", "up"))
             ready = None
             if self.tiers.on_cuda:
                 ready = torch.cuda.Event()
                 ready.record(self.stream)
                 self.stream.synchronize()  # the pinned bounce slot may be refilled two layers later
         return StagedLayer(out, slot, ready)
+
+
+def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The parts as one tensor concatenated along dim 0, when they already lie back to back in
+    one buffer (no copy); None otherwise."""
+    first = parts[0]
+    end = first.data_ptr()
+    for p in parts:
+        if p.data_ptr() != end or not p.is_contiguous() or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype:
+            return None
+        end += p.numel() * p.element_size()
+    shape = (sum(p.shape[0] for p in parts),) + tuple(first.shape[1:])
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), shape, first.stride())
+
+
+def _fuse(w: dict[str, torch.Tensor], fused: str, roles: tuple[str, ...]) -> None:
+    """Add `fused.weight` (+ `.bias`) views over adjacent per-role tensors, for one matmul instead
+    of several; the per-role entries stay. Skipped unless weights (and biases, when present) fuse."""
+    if not all(f"{r}.weight" in w for r in roles):
+        return
+    weight = _adjacent_view([w[f"{r}.weight"] for r in roles])
+    has_bias = [f"{r}.bias" in w for r in roles]
+    if weight is None or (any(has_bias) and not all(has_bias)):
+        return
+    if all(has_bias):
+        bias = _adjacent_view([w[f"{r}.bias"] for r in roles])
+        if bias is None:
+            return
+        w[f"{fused}.bias"] = bias
+    w[f"{fused}.weight"] = weight
 
 
 class _null:

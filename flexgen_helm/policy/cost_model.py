@@ -189,8 +189,10 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
                       gen_len: int, dtype_bytes: int, cpu_cache_compute: bool = False,
                       compress_weight: bool = False, compress_cache: bool = False,
                       comp_weight_config: CompressionConfig | None = None,
-                      comp_cache_config: CompressionConfig | None = None) -> BlockModel:
-    from ..engine.placement import workspace_nbytes
+                      comp_cache_config: CompressionConfig | None = None, block_matmul: bool = True) -> BlockModel:
+    """block_matmul: decode runs each layer's projections and MLP once over all K micro-batches'
+    rows (b*K rows per matmul instead of b), as the engine does by default."""
+    from ..engine.placement import step_workspace_nbytes
 
     wcfg = comp_weight_config or Policy().comp_weight_config
     ccfg = comp_cache_config or Policy().comp_cache_config
@@ -215,7 +217,8 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     stage_w = 2 * _align(max_st + ALIGN)
     mem = {
         "gpu": var("wg", W_st) + var("s", stage_w) + var("cg", nblocks * blk) + var("hg", act)
-        + const(workspace_nbytes(spec, b, s, es, b) + (2 * max_dn if compress_weight else 0)),
+        + const(step_workspace_nbytes(spec, Policy(gpu_batch_size=b, num_gpu_batches=K, block_matmul=block_matmul),
+                                    K, s, es, False) + (2 * max_dn if compress_weight else 0)),
         "cpu": var("wc", W_st) + var("cc", nblocks * blk) + var("hc", act),
         "disk": var("wd", W_st) + var("zw", (L + 2) * ALIGN) + var("cd", nblocks * _align(blk)),
     }
@@ -280,8 +283,10 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         t = s if prefill else 1
         rows = b * t
         flops = spec.layer_matmul_flops(rows)
-        rate = hw.layer_rate(rows, spec)  # whole measured layers when the profile has them
-        math_s = hw.sched_overhead_s + (flops / rate if rate else ov + mm(rows, flops, prefill))
+        # block-wide decode: one call of b*K rows per layer; charged here per micro-batch
+        call_rows = rows * K if block_matmul and not prefill and K > 1 else rows
+        rate = hw.layer_rate(call_rows, spec)  # whole measured layers when the profile has them
+        math_s = hw.sched_overhead_s + (flops / rate if rate else ov * rows / call_rows + mm(call_rows, flops, prefill))
         moves = act_move(t) * K
         if prefill:
             # causal: each of the b*s queries sees half the prompt on average
@@ -431,7 +436,8 @@ def model_for_policy(spec: ModelSpec, policy: Policy, hw: HardwareProfile, promp
                      dtype_bytes: int) -> BlockModel:
     return build_block_model(spec, hw, policy.gpu_batch_size, policy.num_gpu_batches, prompt_len, gen_len,
                              dtype_bytes, policy.cpu_cache_compute, policy.compress_weight,
-                             policy.compress_cache, policy.comp_weight_config, policy.comp_cache_config)
+                             policy.compress_cache, policy.comp_weight_config, policy.comp_cache_config,
+                             policy.block_matmul)
 
 
 def estimate(spec: ModelSpec, policy: Policy, hw: HardwareProfile, prompt_len: int, gen_len: int,
