@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +31,32 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 class BudgetExceeded(ConfigError):
     pass
+
+
+class OffloadDiskError(ConfigError):
+    """The offload directory failed us (full, removed, read-only): retrying the batch cannot help."""
+
+
+def offload_error(e: OSError, path: str, doing: str, nbytes: int, tiers: "Tiers") -> OffloadDiskError:
+    """A message that names the directory, says what was being written and how much it needs."""
+    d = os.path.dirname(path)
+    used = tiers.stats["disk"].used
+    if e.errno == errno.ENOSPC:
+        try:
+            free = f"{shutil.disk_usage(d).free / 1e9:.3f} GB free now"
+        except OSError:
+            free = "free space unknown"
+        return OffloadDiskError(
+            f"the offload directory {d} is full ({free}) while {doing}: this engine needs "
+            f"{used / 1e9:.3f} GB there ({nbytes / 1e6:.1f} MB for this file); free space, point --offload-dir "
+            "at a larger disk, or move weights/cache to host memory (--percent / --cpu-mem)")
+    if e.errno in (errno.ENOENT, errno.ESTALE):
+        return OffloadDiskError(f"the offload directory {d} was removed while {doing}; recreate it and rerun "
+                                "(finished batches are in the request cache)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OffloadDiskError(f"the offload directory {d} is not writable ({e.strerror}) while {doing}; "
+                                "make it writable or point --offload-dir elsewhere, then rerun")
+    return OffloadDiskError(f"I/O error in the offload directory {d} while {doing}: {e}")
 
 
 @dataclass
@@ -114,7 +142,11 @@ class Tiers:
         if self.offload_dir is None:
             raise ConfigError("the policy puts data on disk: pass offload_dir (--offload-dir) for the disk tier")
         self.stats["disk"].reserve(align_up(nbytes), what)
-        f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
+        try:
+            f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
+        except BaseException:
+            self.stats["disk"].release(align_up(nbytes))
+            raise
         self._files.append(f)
         return f
 
@@ -132,10 +164,13 @@ class DiskFile:
     def __init__(self, path: str, nbytes: int, tiers: Tiers, create: bool = True):
         self.path, self.nbytes, self.tiers = path, nbytes, tiers
         self.size = align_up(nbytes)
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(self.size)
-        self.wfd = os.open(path, os.O_RDWR)
+        try:
+            if create:
+                with open(path, "wb") as f:
+                    f.truncate(self.size)  # sparse: a full disk shows up at write time
+            self.wfd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise offload_error(e, path, f"creating {os.path.basename(path)}", self.size, tiers) from e
         try:
             self.rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
             self.direct = hasattr(os, "O_DIRECT")
@@ -147,12 +182,18 @@ class DiskFile:
         """Write a host uint8 tensor at offset (buffered; O_DIRECT readers see it coherently)."""
         mv = memoryview(data.contiguous().numpy())
         done = 0
-        while done < len(mv):
-            done += os.pwrite(self.wfd, mv[done:], offset + done)
+        try:
+            while done < len(mv):
+                done += os.pwrite(self.wfd, mv[done:], offset + done)
+        except OSError as e:
+            raise offload_error(e, self.path, f"writing {os.path.basename(self.path)}", self.size, self.tiers) from e
 
     def flush(self) -> None:
         """Push written data to disk and drop it from the page cache so later reads are real."""
-        os.fsync(self.wfd)
+        try:
+            os.fsync(self.wfd)
+        except OSError as e:  # delayed allocation: ENOSPC may only surface here
+            raise offload_error(e, self.path, f"flushing {os.path.basename(self.path)}", self.size, self.tiers) from e
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.wfd, 0, 0, os.POSIX_FADV_DONTNEED)
 
