@@ -43,12 +43,12 @@ def offload_error(e: OSError, path: str, doing: str, nbytes: int, tiers: "Tiers"
     used = tiers.stats["disk"].used
     if e.errno == errno.ENOSPC:
         try:
-            free = f"{shutil.disk_usage(d).free / 1e9:.3f} GB free now"
+            free = f"{shutil.disk_usage(d).free / 1e6:.1f} MB free now"
         except OSError:
             free = "free space unknown"
         return OffloadDiskError(
             f"the offload directory {d} is full ({free}) while {doing}: this engine needs "
-            f"{used / 1e9:.3f} GB there ({nbytes / 1e6:.1f} MB for this file); free space, point --offload-dir "
+            f"{used / 1e6:.1f} MB there so far ({nbytes / 1e6:.1f} MB for this file); free space, point --offload-dir "
             "at a larger disk, or move weights/cache to host memory (--percent / --cpu-mem)")
     if e.errno in (errno.ENOENT, errno.ESTALE):
         return OffloadDiskError(f"the offload directory {d} was removed while {doing}; recreate it and rerun "
@@ -142,6 +142,18 @@ class Tiers:
         if self.offload_dir is None:
             raise ConfigError("the policy puts data on disk: pass offload_dir (--offload-dir) for the disk tier")
         self.stats["disk"].reserve(align_up(nbytes), what)
+        try:
+            free = shutil.disk_usage(self.offload_dir).free
+        except OSError as e:
+            self.stats["disk"].release(align_up(nbytes))
+            raise offload_error(e, os.path.join(self.offload_dir, name), f"creating {name}", nbytes, self) from e
+        if free < align_up(nbytes):  # files are sparse: without this a full disk shows up mid-write
+            self.stats["disk"].release(align_up(nbytes))
+            raise OffloadDiskError(
+                f"the offload directory {self.offload_dir} has {free / 1e6:.1f} MB free but {what} needs "
+                f"{align_up(nbytes) / 1e6:.1f} MB there ({(self.stats['disk'].used + align_up(nbytes)) / 1e6:.1f} MB "
+                "for this engine so far); free space, point --offload-dir at a larger disk, or move weights/cache "
+                "to host memory (--percent / --cpu-mem)")
         try:
             f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
         except BaseException:

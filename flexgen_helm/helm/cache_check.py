@@ -58,3 +58,19 @@ def check_request_cache(config: Any) -> None:
             return
         check_sqlite_file(path)
         _CHECKED.add(path)
+
+
+def check_cache_dir(directory: str) -> None:
+    """Check every SQLite cache file HELM keeps in `directory` (`<local_path>/cache`). HELM's own
+    tokenizer cache shares our file (same host organization) and is opened while planning, so
+    this runs before anything else touches them."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".sqlite"):
+            path = os.path.join(directory, name)
+            with _LOCK:
+                if path in _CHECKED:
+                    continue
+                check_sqlite_file(path)
+                _CHECKED.add(path)
