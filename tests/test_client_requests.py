@@ -257,3 +257,50 @@ def test_fuzz_320_requests(client, ref):
         assert again.success == res.success
         if res.success:
             assert again.cached and [c.text for c in again.completions] == [c.text for c in res.completions]
+
+
+# ---- HELM's -n 8: eight threads, clients built concurrently ------------------------------------------
+
+def test_eight_threads_equal_one_thread_with_one_engine(tiny_opt, monkeypatch):
+    """What `helm-run -n 8` does: clients are built concurrently (AutoClient has no lock) and eight
+    threads call make_request at once. Same results as one thread, no deadlock, one engine."""
+    from flexgen_helm.engine import engine as engine_mod
+    from flexgen_helm.helm.client import FlexGenClient, close_engine
+
+    builds = []
+    real = engine_mod.Engine.from_pretrained.__func__
+
+    def counting(cls, *a, **kw):
+        builds.append(threading.current_thread().name)
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(engine_mod.Engine, "from_pretrained", classmethod(counting))
+    close_engine()
+    rng = random.Random(8)
+    requests = [req(_normal_prompt(rng), max_tokens=rng.randint(1, 8), temperature=rng.choice([0.0, 0.7]),
+                    num_completions=rng.choice([1, 2])) for _ in range(48)]
+
+    def new_client():
+        return FlexGenClient(None, model_path=tiny_opt, dtype="float32", gpu_batch_size=8, model_name=MODEL)
+
+    one = new_client()
+    sequential = [[c.text for c in one.make_request(r).completions] for r in requests]
+    close_engine()
+    builds.clear()
+    results: list = [None] * len(requests)
+    barrier = threading.Barrier(8)
+
+    def worker(w: int) -> None:
+        barrier.wait()
+        c = new_client()  # each thread its own client instance, as HELM's race produces
+        for i in range(w, len(requests), 8):
+            results[i] = [x.text for x in c.make_request(requests[i]).completions]
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert results == sequential
+    assert len(builds) == 1  # one engine for the process
