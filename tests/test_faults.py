@@ -385,3 +385,26 @@ def test_damaged_request_cache_is_named_and_kept(env, capsys, damage):
     err = capsys.readouterr().err
     assert f"the request cache {path} is damaged" in err and "left untouched" in err
     assert open(path, "rb").read() == bad  # never recreated
+
+
+def test_engine_close_touches_only_its_own_descriptors(tiny_opt, tmp_path):
+    """KV block files are removed as blocks finish; closing the engine must not close them again
+    (the numbers may belong to another file by then, e.g. the run lock) nor release their bytes twice."""
+    import torch
+
+    from flexgen_helm.engine.config import Policy
+    from flexgen_helm.engine.engine import Engine
+
+    eng = Engine.from_pretrained(tiny_opt, policy=Policy(gpu_batch_size=2, w_gpu_percent=50, w_cpu_percent=0,
+                                                         cache_gpu_percent=0, cache_cpu_percent=0),
+                                 dtype=torch.float32, offload_dir=str(tmp_path))
+    weights_on_disk = eng.tiers.stats["disk"].used
+    for _ in range(3):
+        eng.generate([[2, 5, 6], [2, 7]], max_new_tokens=3)
+    assert eng.tiers.stats["disk"].used == weights_on_disk and len(eng.tiers._files) == 1
+    fds = [os.open(str(tmp_path / f"other-{i}"), os.O_CREAT | os.O_RDWR) for i in range(16)]
+    eng.close()
+    for fd in fds:
+        os.fstat(fd)  # still open
+        os.close(fd)
+    assert eng.tiers.stats["disk"].used == 0

@@ -165,9 +165,8 @@ class Tiers:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.chunk_pool.shutdown(wait=True)
-        for f in self._files:
+        for f in list(self._files):
             f.remove()
-        self._files.clear()
 
 
 class DiskFile:
@@ -176,6 +175,7 @@ class DiskFile:
     def __init__(self, path: str, nbytes: int, tiers: Tiers, create: bool = True):
         self.path, self.nbytes, self.tiers = path, nbytes, tiers
         self.size = align_up(nbytes)
+        self.removed = False
         try:
             if create:
                 with open(path, "wb") as f:
@@ -258,6 +258,14 @@ class DiskFile:
             os.posix_fadvise(self.rfd, offset, n, os.POSIX_FADV_DONTNEED)
 
     def remove(self) -> None:
+        # once only: a second close would hit whatever file reused the descriptor numbers, and a
+        # second release would undercount the disk tier (cache blocks remove their files, then
+        # Tiers.close removes every file it handed out)
+        if self.removed:
+            return
+        self.removed = True
+        if self in self.tiers._files:
+            self.tiers._files.remove(self)
         for fd in (self.wfd, self.rfd):
             try:
                 os.close(fd)

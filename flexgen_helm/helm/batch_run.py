@@ -231,6 +231,8 @@ def run(opts: RunOptions) -> RunSummary:
         except BaseException:  # a signal, a full disk...: remove the offload files now, not at exit
             close_engine()
             raise
+        finally:
+            set_engine_overrides()  # this run's flags must not reach clients built by a later run
     # --- end faults ---
 
 
