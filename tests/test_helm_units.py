@@ -62,17 +62,38 @@ def test_label_is_readable_and_stable():
 
 # ---- stop strings ------------------------------------------------------------------------------
 
+def _texts_decoder(texts):
+    """Token i is texts[i]: decoding is concatenation (a tokenizer without multi-byte pieces)."""
+    return lambda ids: "".join(texts[i] for i in ids)
+
+
 @pytest.mark.parametrize("texts,stops,expected", [
-    (["a", "b", "c"], ["\n"], (3, None)),
-    (["Hello", " world", "\n", "more"], ["\n"], (2, 11)),
-    (["x", ".\n", "y"], ["\n"], (1, 2)),  # stop inside a token: the token's text before it stays in the text
-    (["ab", "#", "##", "c"], ["###"], (1, 2)),  # multi-token stop across a token boundary
-    (["#", "#"], ["###"], (2, None)),
-    (["\n", "a"], ["\n"], (0, 0)),
-    (["a", "#", "##", "\n"], ["\n", "###"], (1, 1)),  # earliest of several stops wins
+    (["a", "b", "c"], ["\n"], (3, "abc", False)),
+    (["Hello", " world", "\n", "more"], ["\n"], (2, "Hello world", True)),
+    (["x", ".\n", "y"], ["\n"], (1, "x.", True)),  # stop inside a token: the text before it stays
+    (["ab", "#", "##", "c"], ["###"], (1, "ab", True)),  # multi-token stop across a token boundary
+    (["#", "#"], ["###"], (2, "##", False)),
+    (["\n", "a"], ["\n"], (0, "", True)),
+    (["a", "#", "##", "\n"], ["\n", "###"], (1, "a", True)),  # earliest of several stops wins
+    (["a", "b"], ["", "zzzz" * 1000], (2, "ab", False)),  # empty and very long stops never match
 ])
 def test_cut_at_stop(texts, stops, expected):
-    assert cut_at_stop(texts, stops) == expected
+    assert cut_at_stop(_texts_decoder(texts), list(range(len(texts))), stops) == expected
+
+
+def test_cut_at_stop_splits_no_character():
+    """Byte-level pieces: 'é' is two tokens whose own texts are U+FFFD; the stop is found in the
+    decoded text and no token that holds half of it is kept."""
+    pieces = [b"caf", b"\xc3", b"\xa9", b" au", b" lait"]
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    seq = list(range(len(pieces)))
+    assert cut_at_stop(decode, seq, ["é"]) == (1, "caf", True)
+    assert cut_at_stop(decode, seq, ["é au"]) == (1, "caf", True)
+    assert cut_at_stop(decode, seq, ["\ufffd"]) == (5, "café au lait", False)
+    assert cut_at_stop(decode, seq, ["u l"]) == (3, "café a", True)
 
 
 # ---- conf and run entries ------------------------------------------------------------------------
@@ -285,6 +306,7 @@ class FakeEngine:
     """Replies with a fixed continuation per prompt (all rows alike) and records its calls."""
 
     policy = Policy(gpu_batch_size=4)
+    spec = SimpleNamespace(vocab_size=300)
 
     def __init__(self, reply: str, tok: FakeTokenizer):
         self.reply, self.tok, self.calls = tok.encode(reply), tok, []
@@ -325,7 +347,8 @@ def fake_client(monkeypatch, tmp_path):
 
     from flexgen_helm.engine.model_spec import spec_from_name
     fake_eos = tok.eos_token_id if tok.eos_token_id is not None else ()
-    c._spec = dataclasses.replace(spec_from_name("opt-125m"), max_positions=64, eos_token_id=fake_eos)
+    c._spec = dataclasses.replace(spec_from_name("opt-125m"), max_positions=64, vocab_size=300,
+                                  eos_token_id=fake_eos)
     return c, engine
 
 

@@ -63,8 +63,8 @@ class CacheBlock:
 
     def wait(self) -> None:
         if self.pending is not None:
-            self.pending.result()
-            self.pending = None
+            fut, self.pending = self.pending, None  # a failed write is reported once
+            fut.result()
 
     # ---- writes ----------------------------------------------------------------------------
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +162,15 @@ class CacheBlock:
         dst[:, :, :, :n].copy_(rows.permute(1, 2, 3, 0, 4), non_blocking=True)
 
     def close(self) -> None:
-        self.wait()
-        if self.file is not None:
-            self.file.remove()
-        elif self.buf is not None or self.raw is not None:
-            self.tiers.free(self.tier, self.nbytes)
-            self.buf = self.raw = None
+        try:
+            self.wait()
+        finally:  # release even when the last write failed (a full disk)
+            if self.file is not None:
+                self.file.remove()
+                self.file = None
+            elif self.buf is not None or self.raw is not None:
+                self.tiers.free(self.tier, self.nbytes)
+                self.buf = self.raw = None
 
 
 def staging_nbytes(rows: int, heads: int, capacity: int, head_dim: int, es: int,

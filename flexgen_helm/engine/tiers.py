@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +31,32 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 class BudgetExceeded(ConfigError):
     pass
+
+
+class OffloadDiskError(ConfigError):
+    """The offload directory failed us (full, removed, read-only): retrying the batch cannot help."""
+
+
+def offload_error(e: OSError, path: str, doing: str, nbytes: int, tiers: "Tiers") -> OffloadDiskError:
+    """A message that names the directory, says what was being written and how much it needs."""
+    d = os.path.dirname(path)
+    used = tiers.stats["disk"].used
+    if e.errno == errno.ENOSPC:
+        try:
+            free = f"{shutil.disk_usage(d).free / 1e6:.1f} MB free now"
+        except OSError:
+            free = "free space unknown"
+        return OffloadDiskError(
+            f"the offload directory {d} is full ({free}) while {doing}: this engine needs "
+            f"{used / 1e6:.1f} MB there so far ({nbytes / 1e6:.1f} MB for this file); free space, point --offload-dir "
+            "at a larger disk, or move weights/cache to host memory (--percent / --cpu-mem)")
+    if e.errno in (errno.ENOENT, errno.ESTALE):
+        return OffloadDiskError(f"the offload directory {d} was removed while {doing}; recreate it and rerun "
+                                "(finished batches are in the request cache)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OffloadDiskError(f"the offload directory {d} is not writable ({e.strerror}) while {doing}; "
+                                "make it writable or point --offload-dir elsewhere, then rerun")
+    return OffloadDiskError(f"I/O error in the offload directory {d} while {doing}: {e}")
 
 
 @dataclass
@@ -114,16 +142,31 @@ class Tiers:
         if self.offload_dir is None:
             raise ConfigError("the policy puts data on disk: pass offload_dir (--offload-dir) for the disk tier")
         self.stats["disk"].reserve(align_up(nbytes), what)
-        f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
+        try:
+            free = shutil.disk_usage(self.offload_dir).free
+        except OSError as e:
+            self.stats["disk"].release(align_up(nbytes))
+            raise offload_error(e, os.path.join(self.offload_dir, name), f"creating {name}", nbytes, self) from e
+        if free < align_up(nbytes):  # files are sparse: without this a full disk shows up mid-write
+            self.stats["disk"].release(align_up(nbytes))
+            raise OffloadDiskError(
+                f"the offload directory {self.offload_dir} has {free / 1e6:.1f} MB free but {what} needs "
+                f"{align_up(nbytes) / 1e6:.1f} MB there ({(self.stats['disk'].used + align_up(nbytes)) / 1e6:.1f} MB "
+                "for this engine so far); free space, point --offload-dir at a larger disk, or move weights/cache "
+                "to host memory (--percent / --cpu-mem)")
+        try:
+            f = DiskFile(os.path.join(self.offload_dir, name), nbytes, self)
+        except BaseException:
+            self.stats["disk"].release(align_up(nbytes))
+            raise
         self._files.append(f)
         return f
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.chunk_pool.shutdown(wait=True)
-        for f in self._files:
+        for f in list(self._files):
             f.remove()
-        self._files.clear()
 
 
 class DiskFile:
@@ -132,10 +175,14 @@ class DiskFile:
     def __init__(self, path: str, nbytes: int, tiers: Tiers, create: bool = True):
         self.path, self.nbytes, self.tiers = path, nbytes, tiers
         self.size = align_up(nbytes)
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(self.size)
-        self.wfd = os.open(path, os.O_RDWR)
+        self.removed = False
+        try:
+            if create:
+                with open(path, "wb") as f:
+                    f.truncate(self.size)  # sparse: a full disk shows up at write time
+            self.wfd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise offload_error(e, path, f"creating {os.path.basename(path)}", self.size, tiers) from e
         try:
             self.rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
             self.direct = hasattr(os, "O_DIRECT")
@@ -147,12 +194,18 @@ class DiskFile:
         """Write a host uint8 tensor at offset (buffered; O_DIRECT readers see it coherently)."""
         mv = memoryview(data.contiguous().numpy())
         done = 0
-        while done < len(mv):
-            done += os.pwrite(self.wfd, mv[done:], offset + done)
+        try:
+            while done < len(mv):
+                done += os.pwrite(self.wfd, mv[done:], offset + done)
+        except OSError as e:
+            raise offload_error(e, self.path, f"writing {os.path.basename(self.path)}", self.size, self.tiers) from e
 
     def flush(self) -> None:
         """Push written data to disk and drop it from the page cache so later reads are real."""
-        os.fsync(self.wfd)
+        try:
+            os.fsync(self.wfd)
+        except OSError as e:  # delayed allocation: ENOSPC may only surface here
+            raise offload_error(e, self.path, f"flushing {os.path.basename(self.path)}", self.size, self.tiers) from e
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.wfd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -205,6 +258,14 @@ class DiskFile:
             os.posix_fadvise(self.rfd, offset, n, os.POSIX_FADV_DONTNEED)
 
     def remove(self) -> None:
+        # once only: a second close would hit whatever file reused the descriptor numbers, and a
+        # second release would undercount the disk tier (cache blocks remove their files, then
+        # Tiers.close removes every file it handed out)
+        if self.removed:
+            return
+        self.removed = True
+        if self in self.tiers._files:
+            self.tiers._files.remove(self)
         for fd in (self.wfd, self.rfd):
             try:
                 os.close(fd)

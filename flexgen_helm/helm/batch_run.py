@@ -217,6 +217,26 @@ class RunSummary:
 
 
 def run(opts: RunOptions) -> RunSummary:
+    # --- faults (issue 14): one run per suite (shards excepted); SIGTERM/SIGINT unwind cleanly ---
+    from .client import close_engine
+    from .interrupts import terminate_on_signals
+    from .cache_check import check_cache_dir
+    from .run_lock import RunLock
+
+    read_entries(opts.conf, opts.run_entries)  # a bad conf fails before the lock creates folders
+    with RunLock(opts.output_path, opts.suite, getattr(opts, "shard", None)), terminate_on_signals():
+        check_cache_dir(os.path.join(opts.local_path, "cache"))  # HELM's CACHE_DIR; a damaged file stops here
+        try:
+            return _run(opts)
+        except BaseException:  # a signal, a full disk...: remove the offload files now, not at exit
+            close_engine()
+            raise
+        finally:
+            set_engine_overrides()  # this run's flags must not reach clients built by a later run
+    # --- end faults ---
+
+
+def _run(opts: RunOptions) -> RunSummary:
     from helm.benchmark.executor import ExecutionSpec
     from helm.benchmark.runner import RunnerError, set_benchmark_output_path
     from helm.common.authentication import Authentication

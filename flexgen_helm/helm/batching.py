@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -101,22 +101,26 @@ def single_pad_efficiency(lengths: Sequence[int], round_to: int = 256) -> float:
     return sum(lengths) / (pad * len(lengths))
 
 
-def cut_at_stop(token_texts: Sequence[str], stops: Sequence[str]) -> tuple[int, int | None]:
-    """Find the earliest stop string in the concatenated token texts.
+def cut_at_stop(decode: Callable[[Sequence[int]], str], seq: Sequence[int],
+                stops: Sequence[str]) -> tuple[int, str, bool]:
+    """Cut generated tokens at the earliest stop string, judged on the decoded text.
 
-    Returns (k, pos): keep the first k whole tokens; pos is the character offset of the stop in
-    the joined text (None when no stop occurs). The stop may start inside token k, whose text
-    before the stop then still belongs to the output text but not to the token list.
+    Returns (k, text, stopped): the text before the stop (or all of it), and the number k of whole
+    tokens that lie before the stop. Decoded text, not the concatenated per-token texts: byte-level
+    tokenizers split a multi-byte character over tokens whose own texts are U+FFFD, so a stop such
+    as "é" only appears once the tokens are decoded together.
     """
-    joined = "".join(token_texts)
-    hits = [p for p in (joined.find(s) for s in stops if s) if p >= 0]
+    full = decode(seq)
+    hits = [p for p in (full.find(s) for s in stops if s) if p >= 0]
     if not hits:
-        return len(token_texts), None
+        return len(seq), full, False
     pos = min(hits)
-    k, end = 0, 0
-    for t in token_texts:
-        if end + len(t) > pos:
+    text = full[:pos]
+    k = 0
+    for j in range(1, len(seq) + 1):  # the longest token prefix whose decoding is a prefix of text
+        prefix = decode(seq[:j])
+        if len(prefix) > pos + 4:  # past the stop (4: slack for a partly decoded character)
             break
-        end += len(t)
-        k += 1
-    return k, pos
+        if text.startswith(prefix):
+            k = j
+    return k, text, True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,13 @@ def _run(args: argparse.Namespace) -> int:
                       suite=args.suite, max_eval_instances=args.max_eval_instances,
                       output_path=args.output_path, local_path=args.local_path, num_threads=args.num_threads,
                       engine=engine_overrides(args), verbose=args.verbose, progress=not args.no_progress)
-    summary = run(opts)
+    from .interrupts import RunInterrupted
+    try:
+        summary = run(opts)
+    except RunInterrupted as e:  # SIGTERM (preemption) or Ctrl-C: committed batches are in the cache
+        print(f"flexgen-helm run: stopped by {e.name}; every finished batch is in the request cache and "
+              "the offload files are removed; rerun the same command to resume", file=sys.stderr)
+        return e.exit_code
     print_summary(summary, args.output_path, args.suite)
     return 1 if summary.failures or summary.request_errors else 0
 

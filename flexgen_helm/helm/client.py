@@ -26,6 +26,8 @@ from helm.proxy.retry import NonRetriableException
 
 from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
 from .batching import Batch, GenParams, Item, cut_at_stop, plan_batches
+from .cache_check import check_request_cache
+from .interrupts import deferred_signals
 
 # ---------------------------------------------------------------------------------------------
 # Engine settings and the one engine per process
@@ -239,9 +241,19 @@ def _error(message: str) -> RequestResult:
                          error_flags=ErrorFlags(is_retriable=False, is_fatal=False))
 
 
+def _unencodable(text: str) -> str | None:
+    """What makes `text` impossible to tokenize (lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"U+{ord(text[e.start]):04X} at character {e.start}"
+
+
 class FlexGenClient(CachingClient):
     def __init__(self, cache_config: CacheConfig | None, model_path: str, tokenizer: Any = None,
-                 tokenizer_name: str | None = None, tokenizer_path: str | None = None, **engine_args: Any):
+                 tokenizer_name: str | None = None, tokenizer_path: str | None = None,
+                 model_name: str | None = None, **engine_args: Any):
         super().__init__(cache_config=cache_config)
         args = {"model_path": model_path, **engine_args, **_OVERRIDES}
         if "percent" in args and args["percent"] is not None:
@@ -253,6 +265,7 @@ class FlexGenClient(CachingClient):
         self.helm_tokenizer = tokenizer
         self.tokenizer_name = tokenizer_name
         self.tokenizer_path = tokenizer_path
+        self.model_name = model_name  # HELM passes the deployment's model: requests for others are refused
         self._spec: Any = None
         self._compression: str | None = None
 
@@ -302,6 +315,14 @@ class FlexGenClient(CachingClient):
 
     def _check(self, r: Request) -> str | None:
         """Why the engine cannot serve r, or None."""
+        if self.model_name is not None and r.model != self.model_name:
+            return (f"this flexgen client serves {self.model_name} ({self.settings.model_path}), not {r.model}; "
+                    "check the request's model_deployment")
+        for what, text in [("prompt", r.prompt)] + [("stop sequence", s) for s in r.stop_sequences]:
+            bad = _unencodable(text)
+            if bad is not None:
+                return (f"the {what} is not valid Unicode: {bad}; send UTF-8-encodable text (no lone surrogates, "
+                        "e.g. from a JSON \\ud800 escape)")
         if r.embedding or r.messages or r.multimodal_prompt is not None:
             return "the flexgen client serves text completions only (no embeddings, chat messages or media)"
         if r.presence_penalty or r.frequency_penalty:
@@ -334,7 +355,8 @@ class FlexGenClient(CachingClient):
         for s in stops:
             if not s:
                 continue
-            ids.update(i for i, t in enumerate(texts) if s in t)
+            # a token whose text has U+FFFD is part of a character: its own text says nothing
+            ids.update(i for i, t in enumerate(texts) if s in t and "\ufffd" not in t)
             enc = tuple(tok.encode(s, add_special_tokens=False))
             if len(enc) > 1:
                 seqs.append(enc)
@@ -346,13 +368,21 @@ class FlexGenClient(CachingClient):
         """Serve many requests: cache hits first, then the misses in length-sorted engine batches,
         each written to the cache as soon as it is done (a killed run loses at most one batch)."""
         n = len(requests)
+        # requests the engine cannot serve are answered first: never looked up, never cached
         results: list[RequestResult | None] = [None] * n
-        keys = [self.cache_key(r) for r in requests]
+        for i, r in enumerate(requests):
+            problem = self._check(r)
+            if problem:
+                results[i] = _error(problem)
+        keys = [self.cache_key(r) if results[i] is None else {} for i, r in enumerate(requests)]
         key_strs = [json.dumps(k, sort_keys=True) for k in keys]
         store_cfg = getattr(self.cache, "config", None)
         if store_cfg is not None:
+            check_request_cache(store_cfg)
             with create_key_value_store(store_cfg) as store:
                 for i, k in enumerate(keys):
+                    if results[i] is not None:
+                        continue
                     cache_stats.increment_query(store_cfg.cache_stats_key)
                     resp = store.get(k)
                     if resp:
@@ -361,10 +391,7 @@ class FlexGenClient(CachingClient):
         for i, r in enumerate(requests):
             if results[i] is not None:
                 continue
-            problem = self._check(r)
-            if problem:
-                results[i] = _error(problem)
-            elif r.max_tokens == 0 and not r.echo_prompt:
+            if r.max_tokens == 0 and not r.echo_prompt:
                 empty = GeneratedOutput(text="", logprob=0.0, tokens=[], finish_reason={"reason": "length"})
                 results[i] = RequestResult(success=True, cached=False, completions=[empty] * r.num_completions,
                                            embedding=[], request_time=0.0)
@@ -414,11 +441,6 @@ class FlexGenClient(CachingClient):
             wall = time.time() - t0
         with self._tokenizer() as tok:
             responses = self._responses(tok, batch, requests, res, wall, t0)
-        if store_cfg is not None:
-            with create_key_value_store(store_cfg) as store:
-                for it, resp in zip(batch.items, responses):
-                    cache_stats.increment_compute(store_cfg.cache_stats_key)
-                    store.put(keys[it.index], resp)
         members = []
         for j, (it, resp) in enumerate(zip(batch.items, responses)):
             for i in todo[it.key]:
@@ -426,8 +448,14 @@ class FlexGenClient(CachingClient):
             per = len(res.sequences) // len(batch.items)
             rows = range(j * per, (j + 1) * per)
             members.append((it.index, per, len(it.ids) * per, sum(len(res.sequences[r]) for r in rows)))
-        obs.batch_done(BatchReport(batch.batch_id, batch.params.label(), batch.rows, wall, res.stats,
-                                   asdict(engine.policy), self.settings, members))
+        with deferred_signals():  # the batch's cache entries and its timing line: all or nothing
+            if store_cfg is not None:
+                with create_key_value_store(store_cfg) as store:
+                    for it, resp in zip(batch.items, responses):
+                        cache_stats.increment_compute(store_cfg.cache_stats_key)
+                        store.put(keys[it.index], resp)
+            obs.batch_done(BatchReport(batch.batch_id, batch.params.label(), batch.rows, wall, res.stats,
+                                       asdict(engine.policy), self.settings, members))
 
     def _items(self, tok: Any, requests: Sequence[Request], todo: dict[str, list[int]],
                results: list[RequestResult | None]) -> list[Item]:
@@ -436,6 +464,12 @@ class FlexGenClient(CachingClient):
         for key_str, idx in todo.items():
             r = requests[idx[0]]
             ids, _ = self._encode(tok, r.prompt)
+            if ids and max(ids) >= self.spec.vocab_size:
+                msg = (f"the tokenizer gives token id {max(ids)} but the model has {self.spec.vocab_size} embeddings; "
+                       "the deployment's tokenizer does not belong to this checkpoint")
+                for i in idx:
+                    results[i] = _error(msg)
+                continue
             if len(ids) + r.max_tokens > self.max_context:
                 msg = (f"prompt too long for the model's context of {self.max_context} tokens ({len(ids)} prompt "
                        f"tokens + max_tokens={r.max_tokens}); shorten the prompt or set the deployment's "
@@ -457,7 +491,9 @@ class FlexGenClient(CachingClient):
         return engine.generate(
             [it.ids for it in batch.items], max_new_tokens=p.max_tokens, temperature=p.temperature,
             top_p=p.top_p, num_completions=p.rows_per_prompt, stop_token_ids=[stops[0]] * m,
-            stop_sequences=[stops[1]] * m, top_logprobs=p.top_k_per_token if p.top_k_per_token > 1 else 0,
+            stop_sequences=[stops[1]] * m,
+            # more alternatives than the vocabulary has: all of them
+            top_logprobs=min(p.top_k_per_token, engine.spec.vocab_size) if p.top_k_per_token > 1 else 0,
             prompt_logprobs=p.echo_prompt, seed=zlib.crc32(batch.batch_id.encode()), progress=on_rows)
 
     def _responses(self, tok: Any, batch: Batch, requests: Sequence[Request], res: Any, wall: float,
@@ -466,6 +502,9 @@ class FlexGenClient(CachingClient):
         texts = _vocab_texts(tok)
         p = batch.params
         eos = self._eos_ids(tok)
+
+        def decode(ids: Sequence[int]) -> str:
+            return tok.decode(list(ids), clean_up_tokenization_spaces=False)
         out = []
         for j, it in enumerate(batch.items):
             prompt = requests[it.index].prompt
@@ -485,12 +524,8 @@ class FlexGenClient(CachingClient):
                 if seq and seq[-1] in eos:
                     seq, lps, tops, reason = seq[:-1], lps[:-1], tops[:-1], "stop"
                 tok_texts = [texts[t] if t < len(texts) else "" for t in seq]
-                k, pos = cut_at_stop(tok_texts, p.stop_sequences)
-                text = tok.decode(seq[:k], clean_up_tokenization_spaces=False)
-                if pos is not None:
-                    text += "".join(tok_texts)[sum(len(t) for t in tok_texts[:k]):pos]
-                    reason = "stop"
-                elif res.finish_reasons[row] == "stop":
+                k, text, stopped = cut_at_stop(decode, seq, p.stop_sequences)
+                if stopped or res.finish_reasons[row] == "stop":
                     reason = "stop"
                 top_k = [[[texts[i] if i < len(texts) else "", lp] for i, lp in d.items()] for d in tops[:k]]
                 completions.append({

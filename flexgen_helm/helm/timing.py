@@ -59,6 +59,8 @@ class TimingObserver(BatchObserver):
             "run_specs": per_spec, "model_path": r.settings.model_path,
         }
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        if self.batches == 1:
+            drop_partial_line(self.log_path)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
@@ -67,3 +69,21 @@ class TimingObserver(BatchObserver):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def drop_partial_line(path: str) -> None:
+    """A run killed (SIGKILL, power loss) in the middle of a write leaves half a line at the end;
+    cut it off before appending, so the log stays one JSON object per line."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0 if size <= len(tail) else size)
+    except FileNotFoundError:
+        pass
