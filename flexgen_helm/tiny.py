@@ -35,9 +35,10 @@ class TinyOPT:
     seed: int = 0
 
 
-def train_tokenizer(out_dir: str, vocab_size: int) -> int:
+def train_tokenizer(out_dir: str, vocab_size: int, corpus: list[str] | None = None) -> int:
     """OPT-style ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3; </s> is prepended like OPT's.
-    Returns the size of the learned vocabulary (at most vocab_size: the corpus may run out of merges)."""
+    Learns from `corpus` lines (default: the built-in text) and returns the size of the learned
+    vocabulary (at most vocab_size: the corpus may run out of merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> int:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _CORPUS.splitlines(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
     fast = PreTrainedTokenizerFast(
