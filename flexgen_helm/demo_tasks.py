@@ -171,3 +171,15 @@ def baselines(task_name: str, train: list[Example], sample: list[Example]) -> di
     n = len(sample)
     return {"most_frequent": sum(score(task_name, e.output, frequent) for e in sample) / n,
             "copy_last": sum(score(task_name, e.output, copy_last(task_name, e)) for e in sample) / n}
+
+
+def held_out_text(task_names: tuple[str, ...], sequences_per_task: int) -> str:
+    """Text the demo model never saw, for `flexgen-helm accuracy`: HELM-format prompts with answers,
+    cut from the start of HELM's test split (seed 42)."""
+    parts = []
+    for task in task_names:
+        test, k = helm_split(task, "test"), num_shots(task) + 1
+        if sequences_per_task * k > len(test):
+            raise ValueError(f"{task}: at most {len(test) // k} sequences")
+        parts += [training_text(task, list(test[i * k:(i + 1) * k]))[0] for i in range(sequences_per_task)]
+    return "\n".join(parts)
