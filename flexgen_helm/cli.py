@@ -19,6 +19,7 @@ _COMMANDS = {
     "run": "flexgen_helm.helm.cli",
     "prod-env": "flexgen_helm.helm.cli",
     "report": "flexgen_helm.report.cli",
+    "train-demo": "flexgen_helm.train_demo",
 }
 
 

@@ -36,10 +36,11 @@ class TinyOPT:
     seed: int = 0
 
 
-def train_tokenizer(out_dir: str, vocab_size: int, bos: str | None = "</s>") -> int:
+def train_tokenizer(out_dir: str, vocab_size: int, bos: str | None = "</s>", corpus: list[str] | None = None) -> int:
     """Ids <s>=0, <pad>=1, </s>=2 (eos), <unk>=3. `bos` is prepended to every prompt: "</s>" like
-    OPT's tokenizer, "<s>" like Llama's and Mistral's, None like Qwen's (no BOS).
-    Returns the size of the learned vocabulary (at most vocab_size: the corpus may run out of merges)."""
+    OPT's tokenizer, "<s>" like Llama's and Mistral's, None like Qwen's (no BOS). Learns from
+    `corpus` lines (default: the built-in text) and returns the size of the learned vocabulary (at
+    most vocab_size: the corpus may run out of merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +50,7 @@ def train_tokenizer(out_dir: str, vocab_size: int, bos: str | None = "</s>") -> 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _CORPUS.splitlines(), trainer=trainer)
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])

@@ -1,0 +1,311 @@
+"""`flexgen-helm train-demo`: train the demo's small OPT on HELM's synthetic-reasoning data.
+
+The data (demo_tasks.py) comes from HELM's own generators under seeds other than HELM's, in HELM's
+prompt format with in-context examples; HELM's eval splits are held out. The loss is next-token
+prediction on every token (a run with the loss on the answers alone sat at chance for 200 steps:
+predicting a pattern-match "Result" or a rule's subject teaches the same lookups the answers need);
+the answer tokens' loss is logged beside it. Deterministic given --seed and
+--threads; prints progress and loss. The result is a standard HF checkpoint (safetensors, tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .demo_tasks import (TASKS, Example, baselines, eval_prompt, generate_examples, num_shots, score,
+                         training_text)
+from .tiny import TinyOPT
+
+VAL_SEED = 7          # generator seed of the validation examples printed at the end (not HELM's 42)
+EVALUATED = ("pattern_match", "srn_easy")  # the demo conf's synthetic sub-scenarios
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str
+    seed: int = 0
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    # share of training sequences per task: the two the demo evaluates (add variable_substitution or
+    # induction here to train them too; on a shared 2-core CPU every step counts)
+    task_weights: tuple[tuple[str, float], ...] = (("pattern_match", 0.55), ("srn_easy", 0.45))
+    model: TinyOPT = field(default_factory=lambda: TinyOPT(
+        num_layers=3, hidden=128, num_heads=4, ffn=512, vocab_size=2048, max_positions=2048))
+    seeds_per_task: int = 1      # generator seeds (11,000 instances each) in the training pool
+    threads: int = 1             # 2 threads on 2 busy cores ran 4x slower than 1
+    log_every: int = 10
+    val_queries: int = 48        # validation prompts per evaluated task, greedy-decoded at the end
+
+    def __post_init__(self) -> None:
+        unknown = [t for t, _ in self.task_weights if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+
+    def train_seeds(self) -> list[int]:
+        return [1000 + 100 * self.seed + i for i in range(self.seeds_per_task)]
+
+
+# ---- data -> tensors ------------------------------------------------------------------------------
+
+def encode(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids as the HELM client builds them (BOS, then the text without special tokens) and
+    answer flags: 1 where the token overlaps an answer span."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, answer = [tok.bos_token_id], [0]
+    for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        ids.append(tid)
+        answer.append(int(any(a < e and b > s for s, e in spans)))
+    return ids, answer
+
+
+def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    answer = torch.zeros((len(rows), n), dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):  # right padding: causal attention never sees it
+        ids[i, :len(x)], answer[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, answer, mask
+
+
+def losses_of(model, ids, answer, mask):
+    """(mean next-token loss over all real tokens, mean over answer tokens only)."""
+    import torch
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    real, ans = mask[:, 1:].float(), answer[:, 1:].float()
+    return (nll * real).sum() / real.sum(), (nll * ans).sum() / ans.sum().clamp(min=1)
+
+
+class SequenceSampler:
+    """Random training sequences: a task by weight, then max_train_instances + 1 examples of it."""
+
+    def __init__(self, pools: dict[str, list[Example]], weights: tuple[tuple[str, float], ...], seed: int):
+        self.pools, self.rng = pools, random.Random(seed)
+        self.names = [t for t, _ in weights]
+        self.weights = [w for _, w in weights]
+
+    def __call__(self) -> tuple[str, list[tuple[int, int]]]:
+        task = self.rng.choices(self.names, self.weights)[0]
+        return training_text(task, self.rng.sample(self.pools[task], num_shots(task) + 1))
+
+
+# ---- evaluation: greedy answers scored with HELM's metric ----------------------------------------
+
+Generate = Callable[[list[str], int], list[str]]  # prompts, max new tokens -> completions
+
+
+def evaluate(generate: Generate, task: str, shots: list[Example], queries: list[Example]) -> float:
+    prompts = [eval_prompt(task, shots, q) for q in queries]
+    max_tokens = TASKS[task].adapter_spec().max_tokens
+    completions = generate(prompts, max_tokens)
+    return sum(score(task, q.output, c) for q, c in zip(queries, completions)) / len(queries)
+
+
+def newline_ids(tok) -> list[int]:
+    """Every token whose text contains a newline: HELM stops generation at "\\n"."""
+    return [i for i in range(len(tok)) if "\n" in tok.decode([i])]
+
+
+def hf_generate(model, tok) -> Generate:
+    import torch
+
+    stops = newline_ids(tok)
+
+    def run(prompts: list[str], max_tokens: int) -> list[str]:
+        out = []
+        for p in prompts:  # one at a time: no padding questions, and fast enough for a tiny model
+            ids = torch.tensor([[tok.bos_token_id] + tok.encode(p, add_special_tokens=False)])
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                     do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            out.append(tok.decode(gen[0, ids.shape[1]:]))
+        return out
+    return run
+
+
+def engine_generate(model_dir: str, **policy_kw) -> tuple[Generate, Callable[[], None]]:
+    """Greedy completions through the offloading engine (the real checkpoint loading code)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .engine.config import Policy
+    from .engine.engine import Engine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir, policy=Policy(**policy_kw), device="cpu", dtype=torch.float32,
+                                    prompt_len=1024, gen_len=64)
+    stops = newline_ids(tok)
+
+    def run(prompts: list[str], max_tokens: int) -> list[str]:
+        ids = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
+        res = engine.generate(ids, max_new_tokens=max_tokens, stop_token_ids=stops)
+        return [tok.decode(seq) for seq in res.sequences]
+    return run, engine.close
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def _opt_config(m: TinyOPT, vocab: int):
+    from transformers import OPTConfig
+    return OPTConfig(
+        vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=m.num_layers, ffn_dim=m.ffn,
+        num_attention_heads=m.num_heads, max_position_embeddings=m.max_positions,
+        word_embed_proj_dim=m.hidden, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
+        eos_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        torch_dtype="float32")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    losses: list[float]          # mean next-token loss of each step
+    wall_s: float
+    val: dict[str, dict[str, float]]
+
+
+def build_pools(cfg: TrainConfig, log=print) -> dict[str, list[Example]]:
+    pools = {}
+    for task, _ in cfg.task_weights:
+        t0 = time.time()
+        pools[task] = generate_examples(task, cfg.train_seeds())
+        log(f"    {task}: {len(pools[task])} training examples (seeds {cfg.train_seeds()}, HELM's eval "
+            f"splits removed) in {time.time() - t0:.0f} s")
+    return pools
+
+
+def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
+    import torch
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    from .tiny import _CORPUS, train_tokenizer
+
+    t_start = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log("1/4 data from HELM's generators ...")
+    pools = build_pools(cfg, log)
+    sample = SequenceSampler(pools, cfg.task_weights, cfg.seed)
+
+    log("2/4 tokenizer ...")
+    corpus_rng = random.Random(cfg.seed + 1)
+    corpus = _CORPUS.splitlines() + [
+        training_text(t, corpus_rng.sample(pools[t], num_shots(t) + 1))[0] for t, _ in cfg.task_weights
+        for _ in range(200)]
+    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, corpus)
+    tok = AutoTokenizer.from_pretrained(cfg.out_dir)
+
+    log(f"3/4 training: {cfg.steps} steps x {cfg.batch_size} sequences, {cfg.threads} thread(s) ...")
+    model = OPTForCausalLM(_opt_config(cfg.model, vocab))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"    OPT {cfg.model.num_layers} layers x {cfg.model.hidden} wide, vocab {vocab}: {n_params / 1e6:.2f} M params")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    model.train()
+    losses: list[float] = []
+    answer_losses: list[float] = []
+    tokens, t0 = 0, time.time()
+    for step in range(cfg.steps):
+        ids, answer, mask = make_batch([encode(tok, *sample()) for _ in range(cfg.batch_size)], tok.pad_token_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss, answer_loss = losses_of(model, ids, answer, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        answer_losses.append(answer_loss.item())
+        tokens += int(mask.sum())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            el = time.time() - t0
+            recent, recent_ans = losses[-cfg.log_every:], answer_losses[-cfg.log_every:]
+            log(f"    step {step + 1:5d}/{cfg.steps}  loss {sum(recent) / len(recent):.3f}  "
+                f"answer loss {sum(recent_ans) / len(recent_ans):.3f}  "
+                f"lr {lr_at(cfg, step):.2e}  {tokens / el:,.0f} tok/s  {el:.0f} s elapsed, "
+                f"~{el / (step + 1) * (cfg.steps - step - 1):.0f} s left", flush=True)
+    model.eval()
+    model.save_pretrained(cfg.out_dir, safe_serialization=True)
+
+    val: dict[str, dict[str, float]] = {}
+    if validate:
+        log(f"4/4 validation: greedy answers to {cfg.val_queries} prompts per task (generator seed {VAL_SEED}) ...")
+        gen = hf_generate(model, tok)
+        for task in EVALUATED:
+            if task not in pools:
+                continue
+            seen = frozenset(e.input for e in pools[task])
+            queries = generate_examples(task, [VAL_SEED], exclude=seen)[:cfg.val_queries]
+            shots = pools[task][:num_shots(task)]
+            val[task] = {"model": evaluate(gen, task, shots, queries), **baselines(task, pools[task], queries)}
+            log(f"    {task} ({TASKS[task].metric}): model {val[task]['model']:.3f}, trivial baselines: "
+                f"most frequent answer {val[task]['most_frequent']:.3f}, copy last {val[task]['copy_last']:.3f}")
+    wall = time.time() - t_start
+    with open(os.path.join(cfg.out_dir, "train_demo.json"), "w") as f:
+        json.dump({"config": asdict(cfg) | {"out_dir": None}, "train_seeds": cfg.train_seeds(),
+                   "held_out": "HELM seed 42 valid+test splits", "val_seed": VAL_SEED, "params": n_params,
+                   "final_loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
+                   "final_answer_loss": sum(answer_losses[-cfg.log_every:]) / len(answer_losses[-cfg.log_every:]),
+                   "val": val,
+                   "wall_s": round(wall, 1), "threads": cfg.threads, "torch": torch.__version__}, f, indent=1)
+    log(f"done in {wall:.0f} s: {cfg.out_dir}")
+    return TrainResult(cfg.out_dir, losses, wall, val)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .engine.config import ConfigError
+    if args.held_out_text:
+        from .demo_tasks import held_out_text
+        with open(args.held_out_text, "w") as f:
+            f.write(held_out_text(EVALUATED, args.held_out_sequences))
+        print(f"wrote {args.held_out_text}: {args.held_out_sequences} prompts with answers per task from "
+              f"HELM's test split (seed 42) of {', '.join(EVALUATED)}")
+        return 0
+    if not args.out:
+        raise ConfigError("give --out DIR (where to write the checkpoint) or --held-out-text FILE")
+    try:
+        cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, threads=args.threads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    train(cfg, log=lambda *a, **k: print(*a, **{"flush": True, **k}))
+    return 0
+
+
+def register(subparsers) -> None:
+    d = TrainConfig(out_dir="")
+    p = subparsers.add_parser("train-demo", help="train the demo's small OPT on HELM's synthetic reasoning data",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="checkpoint directory to write (HF layout)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (results depend on it)")
+    p.add_argument("--held-out-text", metavar="FILE",
+                   help="instead of training, write held-out text for `flexgen-helm accuracy --text FILE`")
+    p.add_argument("--held-out-sequences", type=int, default=8, help="prompts per task in --held-out-text")
+    p.set_defaults(func=_main)

@@ -1,0 +1,64 @@
+"""The demo model's training script: held-out data, HELM's prompt format, and that training learns."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from flexgen_helm.demo_tasks import (HELM_SEED, Example, copy_last, eval_prompt, generate_examples, helm_split,
+                                     held_out_inputs, num_shots, score, training_text)
+from flexgen_helm.tiny import TinyOPT
+from flexgen_helm.train_demo import TrainConfig, train
+
+
+def test_helm_seed_is_refused_and_eval_splits_are_removed():
+    with pytest.raises(ValueError, match="42"):
+        generate_examples("srn_easy", [HELM_SEED])
+    # a pool built from HELM's own seed minus its eval splits would be exactly its train split
+    assert len(held_out_inputs("srn_easy")) > 9000
+    train = generate_examples("srn_easy", [3])
+    assert train and not {e.input for e in train} & held_out_inputs("srn_easy")
+
+
+def test_training_text_is_helm_prompt_with_answer_spans():
+    shots = list(helm_split("srn_easy", "train"))[:num_shots("srn_easy")]
+    query = helm_split("srn_easy", "test")[0]
+    text, spans = training_text("srn_easy", shots + [query])
+    # the eval prompt HELM would send is this text cut just before the last answer
+    assert text[:spans[-1][0]] == eval_prompt("srn_easy", shots, query)
+    assert [text[a:b] for a, b in spans] == [e.output + "\n" for e in shots + [query]]
+    assert text.startswith("Please solve the following problem.\n\nRules:\n")
+
+
+def test_trivial_baselines_and_metric():
+    ex = Example("Rules: X + Y | Y + X | X - Y | Y - X | Result: cat + dog", "Y + X")
+    assert copy_last("pattern_match", ex) == "Y - X"
+    assert score("pattern_match", "Y + X", " Y + X\nRules: ...") == 1.0
+    srn = Example("If a dog is red, then the dog is big.\nIf a dog is old, then the dog is blue.\nFact:\n...",
+                  "The dog is blue.")
+    assert copy_last("srn_easy", srn) == "The dog is blue."
+    assert score("srn_easy", "The dog is blue and big.", "The dog is blue.") == pytest.approx(2 / 3)
+
+
+def _tiny_cfg(out_dir: str) -> TrainConfig:
+    return TrainConfig(out_dir=out_dir, steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=4,
+                       task_weights=(("srn_easy", 1.0),), seeds_per_task=1,
+                       model=TinyOPT(num_layers=1, hidden=32, num_heads=2, ffn=64, vocab_size=512))
+
+
+def test_a_few_steps_lower_the_loss_deterministically(tmp_path):
+    from transformers import AutoTokenizer, OPTForCausalLM
+    logs: list[str] = []
+    res = train(_tiny_cfg(str(tmp_path / "a")), log=lambda *a, **k: logs.append(" ".join(map(str, a))),
+                validate=False)
+    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
+    assert last < first - 0.5, res.losses
+    assert any("answer loss" in line for line in logs)  # progress is shown
+    # the checkpoint is a standard HF one: it loads, and its vocabulary is the tokenizer's
+    model = OPTForCausalLM.from_pretrained(res.out_dir)
+    assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(res.out_dir))
+    with open(os.path.join(res.out_dir, "train_demo.json")) as f:
+        assert HELM_SEED not in json.load(f)["train_seeds"]
+    again = train(_tiny_cfg(str(tmp_path / "b")), log=lambda *a, **k: None, validate=False)
+    assert again.losses == res.losses  # same seed, same threads: same run
