@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
     corpus = _CORPUS.splitlines() + [
         training_text(t, corpus_rng.sample(pools[t], num_shots(t) + 1))[0] for t, _ in cfg.task_weights
         for _ in range(200)]
-    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, corpus)
+    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, corpus=corpus)
     tok = AutoTokenizer.from_pretrained(cfg.out_dir)
 
     log(f"3/4 training: {cfg.steps} steps x {cfg.batch_size} sequences, {cfg.threads} thread(s) ...")
