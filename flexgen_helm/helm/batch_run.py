@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import urllib.error
@@ -180,6 +181,13 @@ def _plan_runner_class():
             self.executor = PlanExecutor(execution_spec)
             self._services()
 
+        scratch: str | None = None  # set: run folders during planning go here, not into the suite
+
+        def _get_run_path(self, run_spec) -> str:
+            if self.scratch is None:
+                return super()._get_run_path(run_spec)
+            return os.path.join(self.scratch, run_spec.name)
+
         def plan(self, run_specs, output_path: str):
             planned, failures = [], {}
             for rs in run_specs:
@@ -257,7 +265,13 @@ def run(opts: RunOptions) -> RunSummary:
 
     # 1. plan
     planner = _plan_runner_class()(spec, *runner_args)
-    planned, summary.failures = planner.plan(run_specs, opts.output_path)
+    if opts.shard:  # shards plan every run spec: never touch folders another shard is writing
+        planner.scratch = os.path.join(suite_path, f".planning-{opts.shard.label}-{os.getpid()}")
+    try:
+        planned, summary.failures = planner.plan(run_specs, opts.output_path)
+    finally:
+        if planner.scratch and os.path.isdir(planner.scratch):
+            shutil.rmtree(planner.scratch)
     client = flexgen_client(planner.executor.context, deployment)
     if client is None:
         raise ConfigError(f"deployment {deployment} does not use the flexgen client")

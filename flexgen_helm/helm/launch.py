@@ -154,6 +154,8 @@ class Progress:
         self.backend, self.suite_path, self.count = backend, suite_path, count
         self.stream = stream or sys.stderr
         self.last = ""
+        self.printed = 0.0
+        self.every_s = 30.0
         self.predicted: dict[str, float] | None = None
 
     def _shard_predictions(self) -> dict[str, float] | None:
@@ -185,12 +187,18 @@ class Progress:
         return f"ETA {_fmt_s(left / max(1, parallel))}"
 
     def show(self, jobs: list[_Job], parallel: int, force: bool = False) -> None:
+        """On a terminal the line is redrawn in place; in a log, a line when the counts change or
+        every `every_s` seconds."""
         n = {s: sum(j.state == s for j in jobs) for s in ("done", "running", "queued", "waiting", "failed")}
-        line = (f"[{self.backend}] {n['done']}/{len(jobs)} done, {n['running']} running, "
-                f"{n['queued'] + n['waiting']} queued, {n['failed']} failed; {self.eta(jobs, parallel, time.time())}")
-        if line != self.last or force:
-            print(line, file=self.stream, flush=True)
-            self.last = line
+        counts = (f"[{self.backend}] {n['done']}/{len(jobs)} done, {n['running']} running, "
+                  f"{n['queued'] + n['waiting']} queued, {n['failed']} failed")
+        tty = self.stream.isatty()
+        if not (tty or force or counts != self.last or time.time() - self.printed > self.every_s):
+            return
+        line = f"{counts}; {self.eta(jobs, parallel, time.time())}"
+        print(("\r\033[K" + line) if tty else line, end="" if tty and not force else "\n", file=self.stream,
+              flush=True)
+        self.last, self.printed = counts, time.time()
 
 
 def launch(opts: RunOptions, backend: Backend, lo: LaunchOptions) -> LaunchSummary:

@@ -51,9 +51,9 @@ def launch(args: argparse.Namespace, opts) -> int:
     if sum(bool(x) for x in (args.slurm, args.gpus, args.workers)) > 1:
         raise ConfigError("choose one of --slurm, --gpus, --workers")
     if args.slurm:
-        from .slurm import SlurmBackend, job_args, parse_slurm_args
+        from .slurm import SlurmBackend, deployment_uses_gpu, job_args, parse_slurm_args
 
-        uses_gpu = opts.engine.get("device", "auto") != "cpu"
+        uses_gpu = deployment_uses_gpu(opts.local_path, opts.model, opts.engine)
         backend = SlurmBackend(opts.suite, job_args(opts.local_path, parse_slurm_args(args.slurm_arg), uses_gpu))
         lo = LaunchOptions(shards=args.shards, max_jobs=args.max_jobs or 4, retries=args.retries, poll_s=args.poll)
     else:

@@ -74,6 +74,22 @@ def check_sbatch_options(args: dict[str, str]) -> None:
                           f"{err.getvalue().strip().splitlines()[-1]}") from None
 
 
+def deployment_uses_gpu(local_path: str, model: str, engine: dict) -> bool:
+    """False only when the engine is told to run on the CPU (flag or the deployment's client args):
+    "auto" means CUDA when the node has it, so the job asks for one."""
+    from .batch_run import setup_helm
+    from .prod_env import resolve_model
+
+    device = engine.get("device")
+    if device is None:
+        from helm.benchmark.model_deployment_registry import get_model_deployment
+
+        _, deployment, _ = resolve_model(local_path, model)
+        setup_helm(local_path, None, False)
+        device = get_model_deployment(deployment).client_spec.args.get("device", "auto")
+    return str(device) != "cpu"
+
+
 class SlurmBackend:
     name = "slurm"
     ERRORS_BEFORE_LOST = 3
