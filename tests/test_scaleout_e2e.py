@@ -144,3 +144,37 @@ def test_two_cpu_workers_equal_one(reference, tiny_opt, tmp_path):
     results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(suite, "*.result.json")))]
     assert len(results) == 2 and len({r["pid"] for r in results}) == 2
     assert all(r["cuda_visible_devices"] == "" for r in results)  # each worker saw no GPU, set before start
+
+
+@pytest.mark.slow
+def test_mongo_cache_shared_by_two_shards_loses_nothing_and_restarts_computing_nothing(reference, tiny_opt,
+                                                                                        tmp_path, monkeypatch):
+    """HELM's MongoDB cache (`--mongo-uri`) against mongomock: one in-process store shared by every
+    client HELM opens (it opens one per call). Two shards fill the same suite; after a restart of
+    both, nothing is computed again."""
+    import mongomock
+
+    import helm.common.mongo_key_value_store as mkv
+    from flexgen_helm.helm.batch_run import RunOptions, run
+    from flexgen_helm.helm.shards import Shard
+
+    server = mongomock.MongoClient("mongodb://fake-host/helm_cache")
+    monkeypatch.setattr(mkv, "MongoClient", lambda uri, *a, **k: server)
+    env = env_for(str(tmp_path / "mongo"), tiny_opt)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def shard_run(i: int):
+        return run(RunOptions(conf=[env["conf"]], model="flexgen/tiny-opt", suite="s", output_path=env["out"],
+                              local_path=env["prod_env"], engine={"gpu_batch_size": 1}, progress=False,
+                              shard=Shard(i, 2), mongo_uri="mongodb://fake-host/helm_cache"))
+
+    first = [shard_run(1), shard_run(2)]
+    assert [s.requests for s in first] != [9, 0] and sum(s.requests for s in first) == 9  # really split
+    assert all(s.computed_rows > 0 and not s.failures for s in first)
+    engine_docs = [d for name in server["helm_cache"].list_collection_names()
+                   for d in server["helm_cache"][name].find() if d["request"].get("engine") == "flexgen-helm"]
+    assert len(engine_docs) == 9  # every request once: nothing lost, no duplicate
+    assert not os.path.exists(os.path.join(env["prod_env"], "cache", "flexgen.sqlite"))  # no SQLite written
+    again = [shard_run(1), shard_run(2)]
+    assert [s.computed_rows for s in again] == [0, 0]
+    assert_same_runs(load_runs(env), reference)

@@ -43,6 +43,10 @@ def check_mongo_uri(uri: str | None) -> None:
     u = urlparse(uri)
     if u.scheme not in ("mongodb", "mongodb+srv") or not u.path.strip("/"):
         raise ConfigError(f"--mongo-uri must be mongodb://HOST[:PORT]/DATABASE (HELM needs the database name), got {uri!r}")
+    try:
+        import pymongo  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--mongo-uri needs pymongo ({e}): pip install 'crfm-helm[mongo]'") from e
 
 
 def launch(args: argparse.Namespace, opts) -> int:
