@@ -114,3 +114,25 @@ def test_slurm_options(tmp_path):
         parse_slurm_args(["mem"])
     with pytest.raises(ConfigError, match="unknown sbatch option"):
         check_sbatch_options({"memory_please": "1"})
+
+
+def test_local_workers_each_see_only_their_gpu(tmp_path):
+    """--gpus 0,1: every worker process starts with its own CUDA_VISIBLE_DEVICES (no pool initializer)."""
+    import sys
+    import time
+
+    from flexgen_helm.helm.workers import LocalBackend, parse_gpus
+
+    backend = LocalBackend(parse_gpus("0,1"), cpu=False)
+    show = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    handles = [backend.submit(Shard(i, 2), show, str(tmp_path / f"{i}.log")) for i in (1, 2)]
+    with pytest.raises(RuntimeError, match="no free device slot"):
+        backend.submit(Shard(1, 2), show, str(tmp_path / "x.log"))
+    deadline = time.time() + 60
+    while time.time() < deadline and any(backend.state(h) == "running" for h in handles):
+        time.sleep(0.05)
+    assert [backend.state(h) for h in handles] == ["done", "done"]
+    assert sorted((tmp_path / f"{i}.log").read_text().strip() for i in (1, 2)) == ["0", "1"]
+    assert backend.busy == set()  # slots are free again
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_gpus("0,0")
