@@ -245,7 +245,7 @@ def run(opts: RunOptions) -> RunSummary:
     os.makedirs(opts.output_path, exist_ok=True)
     set_benchmark_output_path(opts.output_path)
     run_specs = run_specs_for(entries, model, None if is_default else deployment, opts.max_eval_instances)
-    set_engine_overrides(**shards.shard_engine_overrides(opts.engine, opts.shard))
+    set_engine_overrides(**opts.engine)
 
     cache_dir = os.path.join(opts.local_path, CACHE_DIR)
     # --- scale-out (shards.py): a shard writes only its own SQLite files; MongoDB is shared as is

@@ -172,11 +172,11 @@ class Progress:
     def eta(self, jobs: list[_Job], parallel: int, now: float) -> str:
         pred = self._shard_predictions()
         if not pred:
-            return "ETA after the first shard starts"
+            return "ETA once a shard has planned"
         finished = [(j, read_result(self.suite_path, j.shard)) for j in jobs if j.state == "done"]
         pairs = [(r["wall_s"], pred[j.shard.label]) for j, r in finished if r and pred.get(j.shard.label)]
         if not pairs:
-            return f"{sum(pred.values()):.0f} s of predicted work (reference profile); ETA after the first shard"
+            return f"{sum(pred.values()):.3g} s of predicted work on the reference profile; ETA after the first shard ends"
         scale = sum(a for a, _ in pairs) / sum(p for _, p in pairs)
         left = 0.0
         for j in jobs:

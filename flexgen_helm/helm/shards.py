@@ -237,9 +237,3 @@ def seed_from_main(client: Any, main_cache_dir: str, planned: list[tuple[Any, An
     keys = [json.dumps(client.cache_key(st.request), sort_keys=True) for _, states in planned for st in states]
     return seed_shard_cache(main_cache_dir, os.path.dirname(path), os.path.basename(path), keys)
 
-
-def shard_engine_overrides(engine: dict[str, Any], shard: Shard | None) -> dict[str, Any]:
-    """Shards on one host must not share disk-tier files (their names are fixed per layer)."""
-    if shard is None or not engine.get("offload_dir"):
-        return engine
-    return {**engine, "offload_dir": os.path.join(engine["offload_dir"], shard.label)}
