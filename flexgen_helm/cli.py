@@ -18,6 +18,7 @@ _COMMANDS = {
     "policy": "flexgen_helm.policy.cli",
     "run": "flexgen_helm.helm.cli",
     "prod-env": "flexgen_helm.helm.cli",
+    "merge-cache": "flexgen_helm.helm.scaleout_cli",
     "report": "flexgen_helm.report.cli",
     "train-demo": "flexgen_helm.train_demo",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import urllib.error
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine.config import ConfigError
+from . import shards
 from .client import set_engine_overrides
+from .shards import Shard
 from .timing import TIMING_LOG, TimingObserver
 
 STANDIN_MARKER = "FLEXGEN_STANDIN_DATA.txt"
@@ -36,6 +39,8 @@ class RunOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings overrides from flags
     verbose: bool = False
     progress: bool = True
+    shard: Shard | None = None  # --shard I/N: this process runs part I of N (see shards.py)
+    mongo_uri: str | None = None  # --mongo-uri: HELM's MongoDB request cache instead of SQLite files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +181,13 @@ def _plan_runner_class():
             self.executor = PlanExecutor(execution_spec)
             self._services()
 
+        scratch: str | None = None  # set: run folders during planning go here, not into the suite
+
+        def _get_run_path(self, run_spec) -> str:
+            if self.scratch is None:
+                return super()._get_run_path(run_spec)
+            return os.path.join(self.scratch, run_spec.name)
+
         def plan(self, run_specs, output_path: str):
             planned, failures = [], {}
             for rs in run_specs:
@@ -224,7 +236,7 @@ def run(opts: RunOptions) -> RunSummary:
     from .run_lock import RunLock
 
     read_entries(opts.conf, opts.run_entries)  # a bad conf fails before the lock creates folders
-    with RunLock(opts.output_path, opts.suite, getattr(opts, "shard", None)), terminate_on_signals():
+    with RunLock(opts.output_path, opts.suite, opts.shard), terminate_on_signals():
         check_cache_dir(os.path.join(opts.local_path, "cache"))  # HELM's CACHE_DIR; a damaged file stops here
         try:
             return _run(opts)
@@ -240,7 +252,7 @@ def _run(opts: RunOptions) -> RunSummary:
     from helm.benchmark.executor import ExecutionSpec
     from helm.benchmark.runner import RunnerError, set_benchmark_output_path
     from helm.common.authentication import Authentication
-    from helm.common.cache_backend_config import SqliteCacheBackendConfig
+    from helm.common.cache_backend_config import MongoCacheBackendConfig, SqliteCacheBackendConfig
     from helm.proxy.services.service import CACHE_DIR
 
     from .prod_env import resolve_model
@@ -256,12 +268,16 @@ def _run(opts: RunOptions) -> RunSummary:
     set_engine_overrides(**opts.engine)
 
     cache_dir = os.path.join(opts.local_path, CACHE_DIR)
-    os.makedirs(cache_dir, exist_ok=True)
+    # --- scale-out (shards.py): a shard writes only its own SQLite files; MongoDB is shared as is
+    own_cache_dir = shards.shard_cache_dir(cache_dir, opts.suite, opts.shard) if opts.shard else cache_dir
+    os.makedirs(own_cache_dir, exist_ok=True)
+    backend = ({"mongo_cache_backend_config": MongoCacheBackendConfig(opts.mongo_uri)} if opts.mongo_uri else
+               {"sqlite_cache_backend_config": SqliteCacheBackendConfig(own_cache_dir)})
     spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=opts.local_path,
-                         parallelism=opts.num_threads, dry_run=False,
-                         sqlite_cache_backend_config=SqliteCacheBackendConfig(cache_dir))
+                         parallelism=opts.num_threads, dry_run=False, **backend)
     runner_args = (opts.output_path, opts.suite, False, False, False, False, False)
-    summary = RunSummary(suite_path, os.path.join(suite_path, TIMING_LOG), [], {},
+    timing_log = os.path.join(suite_path, shards.timing_log_name(TIMING_LOG, opts.shard))
+    summary = RunSummary(suite_path, timing_log, [], {},
                          standins=standin_scenarios(opts.output_path))
     if summary.standins:
         print(f"WARNING: offline STAND-IN data in use for {', '.join(summary.standins)} "
@@ -269,7 +285,19 @@ def _run(opts: RunOptions) -> RunSummary:
 
     # 1. plan
     planner = _plan_runner_class()(spec, *runner_args)
-    planned, summary.failures = planner.plan(run_specs, opts.output_path)
+    if opts.shard:  # shards plan every run spec: never touch folders another shard is writing
+        planner.scratch = os.path.join(suite_path, f".planning-{opts.shard.label}-{os.getpid()}")
+    try:
+        planned, summary.failures = planner.plan(run_specs, opts.output_path)
+    finally:
+        if planner.scratch and os.path.isdir(planner.scratch):
+            shutil.rmtree(planner.scratch)
+    client = flexgen_client(planner.executor.context, deployment)
+    if client is None:
+        raise ConfigError(f"deployment {deployment} does not use the flexgen client")
+    if opts.shard:  # keep this shard's run specs; resume from what the main cache already has
+        planned, summary.failures = shards.take_shard(opts.shard, suite_path, client, planned, summary.failures)
+        shards.seed_from_main(client, cache_dir, planned)
 
     # 2. compute, across all planned runs at once
     requests, tags = [], []
@@ -277,9 +305,6 @@ def _run(opts: RunOptions) -> RunSummary:
         requests += [s.request for s in states]
         tags += [rs.name] * len(states)
     summary.requests = len(requests)
-    client = flexgen_client(planner.executor.context, deployment)
-    if client is None:
-        raise ConfigError(f"deployment {deployment} does not use the flexgen client")
     obs = TimingObserver(summary.timing_log, opts.suite, model, deployment, tags, opts.progress)
     try:
         results = client.make_batch_request(requests, observer=obs)
@@ -293,6 +318,7 @@ def _run(opts: RunOptions) -> RunSummary:
 
     # 3. score: stock HELM per run, every request a cache hit
     scorer = FlexGenRunner(spec, *runner_args)
+    scorer.executor.timing_log = timing_log
     try:
         scorer.run_all([rs for rs, _ in planned])
     except RunnerError as e:

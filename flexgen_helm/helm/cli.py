@@ -32,13 +32,24 @@ def engine_overrides(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import time
+
+    from . import scaleout_cli
     from .batch_run import RunOptions, print_summary, run
 
+    scaleout_cli.check_mongo_uri(args.mongo_uri)
     opts = RunOptions(conf=args.conf or [], run_entries=args.run_entries or [], model=args.model,
                       suite=args.suite, max_eval_instances=args.max_eval_instances,
                       output_path=args.output_path, local_path=args.local_path, num_threads=args.num_threads,
-                      engine=engine_overrides(args), verbose=args.verbose, progress=not args.no_progress)
+                      engine=engine_overrides(args), verbose=args.verbose, progress=not args.no_progress,
+                      shard=scaleout_cli.shard_of(args), mongo_uri=args.mongo_uri)
+    if scaleout_cli.is_launch(args):  # --slurm / --gpus / --workers: this process only follows the shards
+        try:
+            return scaleout_cli.launch(args, opts)
+        except KeyboardInterrupt:
+            return 130
     from .interrupts import RunInterrupted
+    started = time.time()
     try:
         summary = run(opts)
     except RunInterrupted as e:  # SIGTERM (preemption) or Ctrl-C: committed batches are in the cache
@@ -46,6 +57,8 @@ def _run(args: argparse.Namespace) -> int:
               "the offload files are removed; rerun the same command to resume", file=sys.stderr)
         return e.exit_code
     print_summary(summary, args.output_path, args.suite)
+    if opts.shard:
+        scaleout_cli.after_shard(opts, summary, started)
     return 1 if summary.failures or summary.request_errors else 0
 
 
@@ -87,6 +100,8 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", action="store_true", help="show HELM's log on the console")
     p.add_argument("--no-progress", action="store_true")
     add_engine_args(p)
+    from . import scaleout_cli
+    scaleout_cli.add_args(p)
     p.set_defaults(func=_run)
 
     q = subparsers.add_parser("prod-env", help="write HELM prod_env configs for the flexgen deployments",

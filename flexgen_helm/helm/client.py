@@ -268,6 +268,7 @@ class FlexGenClient(CachingClient):
         self.model_name = model_name  # HELM passes the deployment's model: requests for others are refused
         self._spec: Any = None
         self._compression: str | None = None
+        self._dtype = ""
 
     # ---- HELM's per-request entry point ------------------------------------------------------
     def make_request(self, request: Request) -> RequestResult:
@@ -305,9 +306,13 @@ class FlexGenClient(CachingClient):
     def cache_key(self, r: Request) -> dict:
         if self._compression is None:
             self._compression = compression_tag(self.settings)
-        # what determines the output: the weights (and their compression) and the request, not the
-        # placement policy or batch composition
-        raw = {"engine": "flexgen-helm", "model": self.settings.model_path, "compression": self._compression,
+            device, dtype = _device_dtype(self.settings)  # "auto" resolved: fp16 on CUDA, bf16 on CPU
+            self._dtype = str(dtype).replace("torch.", "") if dtype else ("float16" if device.startswith("cuda")
+                                                                           else "bfloat16")
+        # what determines the output: the deployment, its weights, their compression and compute dtype,
+        # and the request; not the placement policy or batch composition (so shards share entries)
+        raw = {"engine": "flexgen-helm", "deployment": r.model_deployment, "model": self.settings.model_path,
+               "compression": self._compression, "dtype": self._dtype,
                "prompt": r.prompt, "temperature": r.temperature, "num_completions": r.num_completions,
                "top_p": r.top_p, "max_tokens": r.max_tokens, "stop_sequences": list(r.stop_sequences),
                "top_k_per_token": r.top_k_per_token, "echo_prompt": r.echo_prompt}

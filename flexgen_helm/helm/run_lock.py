@@ -28,20 +28,15 @@ class RunLockedError(ConfigError):
 
 
 def shard_label(shard: Any) -> str | None:
-    """None, "I/N" or (I, N) -> "I-of-N" (a file-name-safe label), validated."""
+    """None, a Shard, "I/N" or (I, N) -> "I-of-N" (a file-name-safe label), validated by Shard."""
+    from .shards import Shard
     if shard is None:
         return None
     if isinstance(shard, str):
-        parts = shard.split("/")
-    else:
-        parts = list(shard)
-    try:
-        i, n = (int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"shard must look like I/N (e.g. 2/4), got {shard!r}") from None
-    if not 1 <= i <= n:
-        raise ConfigError(f"shard {i}/{n}: I must be in 1..N")
-    return f"{i}-of-{n}"
+        shard = Shard.parse(shard)
+    elif not isinstance(shard, Shard):
+        shard = Shard.parse("/".join(str(x) for x in shard))
+    return f"{shard.index}-of-{shard.count}"
 
 
 def _owner(path: str) -> str:

@@ -297,7 +297,10 @@ def load_suite(output_path: str | Path, suite: str) -> SuiteData:
         if run.sub_scenario in data.runs:  # same task under two models in one suite: keep both apart
             run.sub_scenario = run.name
         data.runs[run.sub_scenario] = run
-    data.timing = read_timing_log(suite_dir / TIMING_LOG, data.notes)
+    # shards (`flexgen-helm run --shard`) each write flexgen_timing.shard-I-of-N.jsonl: read the union
+    logs = sorted(suite_dir.glob(TIMING_LOG.replace(".jsonl", "*.jsonl")))
+    frames = [t for t in (read_timing_log(p, data.notes) for p in logs) if t is not None]
+    data.timing = pd.concat(frames, ignore_index=True) if frames else None
     if data.timing is None:
         data.notes.append(f"no timing log ({TIMING_LOG}): timing columns are empty")
     else:
