@@ -251,7 +251,7 @@ def compressed_refs(tiny_opt):
     for cw, cc in [(True, False), (False, True), (True, True)]:
         hf = OPTForCausalLM.from_pretrained(tiny_opt, dtype=torch.float32).eval()
         if cw:
-            C.fake_quantize_model(hf, CompressionConfig(4, 64, 0))
+            C.fake_quantize_model(hf, Policy().comp_weight_config)
         if cc:
             C.fake_quantize_kv_cache(hf, CompressionConfig(4, 64, -1))
         toks, lps = [], []

@@ -112,7 +112,7 @@ def _quantized_reference(model_dir, w_cfg, kv_cfg):
 def test_compressed_path_equals_quantize_dequantize_reference(variant, what, tmp_path_factory, tmp_path):
     d = build_tiny_family(str(tmp_path_factory.mktemp(f"{variant}-c")), variant, seed=4, tokenizer=False)
     w, kv = "w4" in what, "kv4" in what
-    ref = _quantized_reference(d, CompressionConfig(4, 64, 0) if w else None,
+    ref = _quantized_reference(d, Policy().comp_weight_config if w else None,
                                CompressionConfig(4, 64, -1) if kv else None)
     for placement in ("all-compute", "all-host-ccc", "all-disk"):
         pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=w, compress_cache=kv, **PLACEMENTS[placement])

@@ -336,3 +336,61 @@ def fake_quantize_kv_cache(model: torch.nn.Module, cfg: CompressionConfig,
         def remove(self) -> None:
             model.set_attn_implementation(previous)
     return [_Restore()]
+
+
+# ---- 4-bit weights in torch's fused CPU matmul layout ----------------------------------------------
+# `_weight_int4pack_mm_for_cpu` multiplies by 4-bit weights without materialising them: w = (q - 8) * s + z
+# with groups along in_features (K). With step s and z = lo + 8 * s this is our asymmetric q * s + lo,
+# so the same codes serve both. The packed layout depends on the CPU's instruction set
+# (torch.backends.cpu.get_cpu_capability()): weights are packed in the process that uses them, when
+# they are written to their tiers, and offload files never outlive that process.
+INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def int4pack_ok(shape, cfg: CompressionConfig) -> bool:
+    """Can an (out, in) weight with this config use the fused CPU kernel?"""
+    if len(shape) != 2:
+        return False
+    n, k = shape
+    return (cfg.num_bits == 4 and not cfg.symmetric and cfg.group_dim in (1, -1) and cfg.group_size in INT4PACK_GROUPS
+            and k % cfg.group_size == 0 and n % 16 == 0)
+
+
+def int4pack_nbytes(shape, cfg: CompressionConfig, dtype_bytes: int) -> int:
+    """Packed codes (n * k / 2 bytes) + scales and zeros ((k / G) x n x 2 in the compute dtype)."""
+    n, k = shape
+    return n * k // 2 + (k // cfg.group_size) * n * 2 * dtype_bytes
+
+
+def to_int4pack(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out: torch.Tensor) -> None:
+    """Quantize an (out, in) weight like `quantize` (groups along in) and write it into `out` (uint8,
+    int4pack_nbytes long) in the fused kernel's layout."""
+    n, k = x.shape
+    packed, meta = quantize(x, cfg)
+    codes = torch.empty(-(-n * k // 128) * 128, dtype=torch.uint8)
+    _unpack(packed, 4, codes)
+    q = codes[:n * k].view(n, k).to(torch.int32)
+    m = meta.view(n, k // cfg.group_size, 2).float()
+    step, lo = m[..., 1], m[..., 0]
+    sz = torch.stack((step, lo + 8 * step), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (k/G, n, 2)
+    pk = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    out[:pk.numel()].copy_(pk.view(-1).view(torch.uint8))
+    out[n * k // 2:n * k // 2 + sz.numel() * sz.element_size()].copy_(sz.view(-1).view(torch.uint8))
+
+
+class Int4Weight:
+    """A 4-bit (out, in) weight in the fused kernel's layout, viewed over a staging buffer."""
+
+    def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
+        self.out_features, self.in_features = shape
+        self.group_size = cfg.group_size
+        n, k = shape
+        self.packed = buf[:n * k // 2].view(n, k // 2)
+        sz_bytes = (k // self.group_size) * n * 2 * dtype.itemsize
+        self.sz = buf[n * k // 2:n * k // 2 + sz_bytes].view(dtype).view(k // self.group_size, n, 2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> x @ w.T (..., out), in x's dtype (the scales' dtype)."""
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, self.sz)
+        return y.view(*x.shape[:-1], self.out_features)

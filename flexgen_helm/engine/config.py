@@ -23,14 +23,15 @@ def default_dtype(device: str) -> str:
 class CompressionConfig:
     """Group-wise min-max quantization (FlexGen default: 4 bits, groups of 64).
 
-    group_dim is the axis the `group_size` consecutive elements of one group run along: 0 for an
-    (out, in) Linear weight (FlexGen's "output channel"), -1 (head_dim) for the KV cache. Axes not
+    group_dim is the axis the `group_size` consecutive elements of one group run along: 1 for an
+    (out, in) Linear weight (along in_features, the layout torch's fused 4-bit matmuls need; FlexGen
+    grouped along the output dim, 0), -1 (head_dim) for the KV cache. Axes not
     divisible by group_size are padded; see engine/compression.py for the storage format.
     """
 
     num_bits: int = 4
     group_size: int = 64
-    group_dim: int = 0  # weights: 0 (output dim); KV cache: the head_dim axis (-1)
+    group_dim: int = 1  # weights: 1 (in_features; FlexGen used 0); KV cache: the head_dim axis (-1)
     symmetric: bool = False
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ class Policy:
     block_matmul: bool = True
     compress_weight: bool = False
     comp_weight_config: CompressionConfig = field(
-        default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+        default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=1))
     compress_cache: bool = False
     comp_cache_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))

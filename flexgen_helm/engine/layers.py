@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .compression import Int4Weight
 from .model_spec import ModelSpec
 from .rope import apply_rotary
 
@@ -36,7 +37,11 @@ def norm(w: Weights, role: str, x: torch.Tensor, spec: ModelSpec) -> torch.Tenso
 
 
 def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w[role + ".weight"], w.get(role + ".bias"))
+    weight, bias = w[role + ".weight"], w.get(role + ".bias")
+    if isinstance(weight, Int4Weight):  # 4-bit weights on the CPU: fused kernel, never dequantized
+        y = weight.matmul(x)
+        return y.add_(bias) if bias is not None else y
+    return F.linear(x, weight, bias)
 
 
 def embed(w: Weights, spec: ModelSpec, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -44,7 +49,7 @@ def embed(w: Weights, spec: ModelSpec, ids: torch.Tensor, positions: torch.Tenso
     applied inside attention."""
     x = F.embedding(ids, w["tok_embed.weight"])
     if spec.has_projections:
-        x = x @ w["project_in.weight"].t()
+        x = _linear(w, "project_in", x)
     if spec.positions == "learned":
         x = x + F.embedding(positions + spec.position_offset, w["pos_embed.weight"])
     return x
@@ -117,8 +122,8 @@ def lm_head(w: Weights, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
     if spec.has_final_norm:
         x = norm(w, "final_norm", x, spec)
     if spec.has_projections:
-        x = x @ w["project_out.weight"].t()
-    return (x @ w["lm_head.weight"].t()).float()
+        x = _linear(w, "project_out", x)
+    return _linear(w, "lm_head", x).float()
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .model_spec import ModelSpec
 from .tiers import ALIGN, align_up
 
 TENSOR_ALIGN = 64  # every tensor starts 64-byte aligned inside its layer buffer (vector loads)
+EMBEDDING_ROLES = ("tok_embed", "pos_embed")  # looked up by row, not multiplied
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Slot:
 class LayerLayout:
     slots: tuple[Slot, ...]
     nbytes: int  # stored bytes (compressed where compressed)
-    dense_nbytes: int  # bytes once dequantized to the compute dtype
+    dense_nbytes: int  # bytes of the whole layer in the compute dtype
+    dequant_nbytes: int = 0  # compute-dtype bytes of the slots dequantized at each load (not int4pack)
 
     def segments(self, policy: Policy) -> tuple[int, int, int]:
         """Byte lengths on (gpu, cpu, disk); the disk part starts 4 KB aligned for O_DIRECT."""
@@ -48,22 +50,30 @@ def _round_to(x: float, a: int) -> int:
     return int(round(x / a)) * a
 
 
-def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy) -> LayerLayout:
+def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
+    """Slots of scheduling layer j. cpu_compute: 4-bit linear weights are stored in the fused CPU
+    kernel's layout (kind "int4pack": multiplied without dequantization) where their shape allows."""
+    from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
     for ref in spec.layer_tensors(j):
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes
         dense += n
-        if policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
-            from . import compression
+        if (policy.compress_weight and cpu_compute and ref.role.split(".")[0] not in EMBEDDING_ROLES
+                and compression.int4pack_ok(shape, cfg)):
+            nb = compression.int4pack_nbytes(shape, cfg, dtype_bytes)
+            slots.append(Slot(ref.role, ref.name, shape, "int4pack", off, nb))
+            off = align_up(off + nb, TENSOR_ALIGN)
+        elif policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer
             slots.append(Slot(ref.role, ref.name, shape, "compressed", off, nb))
             off = align_up(off + nb, TENSOR_ALIGN)
         else:
             slots.append(Slot(ref.role, ref.name, shape, "dense", off, n))
             off = align_up(off + n, TENSOR_ALIGN)
-    return LayerLayout(tuple(slots), off, dense)
+    deq = sum(math.prod(s.shape) for s in slots if s.kind == "compressed") * dtype_bytes
+    return LayerLayout(tuple(slots), off, dense, deq)
 
 
 def cache_block_nbytes(spec: ModelSpec, rows: int, capacity: int, dtype_bytes: int, policy: Policy) -> int:
@@ -129,7 +139,8 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
     if block_rows is not None:
         K = min(K, max(1, math.ceil(block_rows / rows)))
     out = {"gpu": 0, "cpu": 0, "disk": 0}
-    layouts = [layer_layout(spec, j, dtype_bytes, policy) for j in range(spec.num_layers + 2)]
+    layouts = [layer_layout(spec, j, dtype_bytes, policy, cpu_compute=not device_is_cuda)
+               for j in range(spec.num_layers + 2)]
     max_stored = max_disk = 0
     for lay in layouts:
         gb, cb, db = lay.segments(policy)
@@ -144,7 +155,7 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
         if device_is_cuda and max_disk:
             out["cpu"] += 2 * align_up(max_disk + ALIGN)  # pinned bounce for disk -> GPU
     if policy.compress_weight:
-        out["gpu"] += 2 * max(l.dense_nbytes for l in layouts)
+        out["gpu"] += 2 * max(l.dequant_nbytes for l in layouts)
     capacity = prompt_len + gen_len
     blk = cache_block_nbytes(spec, rows, capacity, dtype_bytes, policy)
     tiers = cache_block_tiers(spec, policy, K)

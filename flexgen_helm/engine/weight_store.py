@@ -37,7 +37,8 @@ class WeightStore:
     def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype):
         self.spec, self.policy, self.tiers, self.dtype = spec, policy, tiers, dtype
         es = torch.empty(0, dtype=dtype).element_size()
-        self.layouts: list[LayerLayout] = [layer_layout(spec, j, es, policy) for j in range(spec.num_layers + 2)]
+        self.layouts: list[LayerLayout] = [layer_layout(spec, j, es, policy, cpu_compute=not tiers.on_cuda)
+                                           for j in range(spec.num_layers + 2)]
         self.segments = [lay.segments(policy) for lay in self.layouts]
         self.streamed = policy.w_gpu_percent < 100
         on_cuda = tiers.on_cuda
@@ -74,7 +75,7 @@ class WeightStore:
                                for _ in range(2)]
         self.dequant: list[torch.Tensor] = []
         if policy.compress_weight:
-            max_dense = max(l.dense_nbytes for l in self.layouts)
+            max_dense = max(l.dequant_nbytes for l in self.layouts)
             self.dequant = [tiers.alloc("gpu", max_dense, "dequantized weights") for _ in range(2)]
         self._slot = 0
         self._lock = threading.Lock()
@@ -91,6 +92,9 @@ class WeightStore:
             dst = flat[slot.offset: slot.offset + slot.nbytes]
             if slot.kind == "dense":
                 dst.copy_(t.contiguous().view(-1).view(torch.uint8))
+            elif slot.kind == "int4pack":
+                from . import compression
+                compression.to_int4pack(t, self.policy.comp_weight_config, self.dtype, dst)
             else:
                 from . import compression
                 compression.to_buffer(t, self.policy.comp_weight_config, out=dst)
@@ -144,6 +148,11 @@ class WeightStore:
                 if s.kind == "dense":
                     out[s.role] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
                     continue
+                if s.kind == "int4pack":  # multiplied in place by the fused kernel: nothing to do now
+                    from .compression import Int4Weight
+                    out[s.role] = Int4Weight(buf[s.offset:s.offset + s.nbytes], s.shape,
+                                             self.policy.comp_weight_config, self.dtype)
+                    continue
                 # compressed: dequantized once per layer per step, shared by every micro-batch
                 from . import compression
                 n = torch.Size(s.shape).numel() * self.dtype.itemsize
@@ -165,6 +174,8 @@ class WeightStore:
 def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """The parts as one tensor concatenated along dim 0, when they already lie back to back in
     one buffer (no copy); None otherwise."""
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        return None  # fused-kernel 4-bit weights stay separate
     first = parts[0]
     end = first.data_ptr()
     for p in parts:

@@ -152,14 +152,16 @@ class Estimate:
                 "link_bytes": self.link_bytes, "bottlenecks": self.bottlenecks}
 
 
-def _weight_sizes(spec: ModelSpec, es: int, compress: bool, cfg: CompressionConfig) -> list[tuple[int, int]]:
-    """(stored bytes, dense bytes) of every scheduling layer: embedding, decoders, head."""
+def _weight_sizes(spec: ModelSpec, es: int, compress: bool, cfg: CompressionConfig,
+                  cpu_compute: bool) -> list[tuple[int, int]]:
+    """(stored bytes, bytes dequantized per load) of every scheduling layer: embedding, decoders,
+    head. On a CPU compute device 4-bit linear weights use the fused kernel: nothing to dequantize."""
     from ..engine.placement import layer_layout
     pol = Policy(compress_weight=compress, comp_weight_config=cfg)
     out = []
     for j in (0, 1, spec.num_layers + 1):
-        lay = layer_layout(spec, j, es, pol)
-        out.append((lay.nbytes, lay.dense_nbytes))
+        lay = layer_layout(spec, j, es, pol, cpu_compute=cpu_compute)
+        out.append((lay.nbytes, lay.dequant_nbytes))
     return out
 
 
@@ -202,7 +204,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     kv_tok = spec.kv_bytes_per_token(es)  # K and V of one position in one layer
     b, K, s, n = gbs, ngb, prompt_len, gen_len
     ccc = cpu_cache_compute
-    (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg)
+    (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg, not cuda)
     W_st = emb_st + L * dec_st + head_st
     max_st = max(emb_st, dec_st, head_st)
     max_dn = max(emb_dn, dec_dn, head_dn)
