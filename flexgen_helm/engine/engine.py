@@ -152,6 +152,7 @@ class Engine:
         out_prompt_lp: list[list[float] | None] = [None] * n
         stats = GenerationStats(prompt_tokens=sum(len(input_ids[p]) for p, _ in rows))
         moved0 = dict(self.tiers.bytes_moved)
+        dq0 = self.weights.dequant_time
         timing = BlockTiming()
         self.tiers.reset_peaks()
         for b0 in range(0, len(order), bls):
@@ -187,8 +188,10 @@ class Engine:
             if progress is not None:
                 progress(len(block))
         stats.prefill_time, stats.decode_time, stats.io_wait_time = timing.prefill, timing.decode, timing.io_wait
-        stats.breakdown = {"io_wait": timing.io_wait, "decoder_layers": timing.layer_compute,
-                           "head_and_sampling": timing.head, "embedding": timing.embed}
+        stats.breakdown = {"io_wait": timing.io_wait, "projections_and_mlp": timing.layer_compute - timing.attention,
+                           "attention": timing.attention, "head_and_sampling": timing.head,
+                           "embedding": timing.embed,
+                           "dequantization_in_io_threads": self.weights.dequant_time - dq0}
         stats.generated_tokens = sum(len(s) for s in out_seq)
         stats.bytes_moved = {k: v - moved0.get(k, 0) for k, v in self.tiers.bytes_moved.items()}
         stats.peak_memory_bytes = self.tiers.peaks()

@@ -48,6 +48,7 @@ class BlockTiming:
     decode: float = 0.0
     io_wait: float = 0.0  # waiting for staged weights or cache prefixes
     layer_compute: float = 0.0  # decoder layers: projections, attention, MLP
+    attention: float = 0.0  # of which attention (incl. cache writes and CPU-attention copies)
     head: float = 0.0  # LM head and sampling
     embed: float = 0.0
 
@@ -204,8 +205,9 @@ class BlockRun:
 
     def _decoder(self, l: int, k: int, step: int, w, pipe: _PrefixPipeline) -> None:
         x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
+        attend = self._attend_for(l, k, step, pipe)  # may wait for the cache prefix: io_wait, not compute
         t0 = time.perf_counter()
-        out = layers.decoder_layer(w, self.spec, x, self._attend_for(l, k, step, pipe), self.rotary[k])
+        out = layers.decoder_layer(w, self.spec, x, attend, self.rotary[k])
         self.timing.layer_compute += time.perf_counter() - t0
         self.hidden[k] = _to_home(out, self.engine.act_home)
 
@@ -243,7 +245,7 @@ class BlockRun:
         mb, blk = self.mbs[k], self.caches[l][k]
         window = self.spec.layer_window(l)
         if step == 0:
-            return _prefill_attend(blk, mb, window)
+            return self._timed(_prefill_attend(blk, mb, window))
         staged = None
         if self._needs_stage(blk):
             if not self.overlap:
@@ -253,7 +255,15 @@ class BlockRun:
             pipe.cursor += 1
             if self.overlap:
                 self._prefetch(pipe, pipe.cursor, step)  # next block's prefix loads while this one computes
-        return _decode_attend(blk, mb, step, staged, self.ccc, self.dev, window)
+        return self._timed(_decode_attend(blk, mb, step, staged, self.ccc, self.dev, window))
+
+    def _timed(self, attend):
+        def timed(q, k, v):
+            t0 = time.perf_counter()
+            out = attend(q, k, v)
+            self.timing.attention += time.perf_counter() - t0
+            return out
+        return timed
 
     def _prefetch(self, pipe: _PrefixPipeline, i: int, step: int) -> None:
         if i >= len(pipe.order):

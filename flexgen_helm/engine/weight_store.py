@@ -8,6 +8,7 @@ offsets (and dequantizing compressed ones once per layer per step, reused by all
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class WeightStore:
             self.dequant = [tiers.alloc("gpu", max_dense, "dequantized weights") for _ in range(2)]
         self._slot = 0
         self._lock = threading.Lock()
+        self.dequant_time = 0.0  # seconds spent dequantizing (I/O threads, overlapped with compute)
         if on_cuda:
             self.stream = torch.cuda.Stream(device=tiers.device)
             self.free_events = [None, None]
@@ -155,12 +157,15 @@ class WeightStore:
                     continue
                 # compressed: dequantized once per layer per step, shared by every micro-batch
                 from . import compression
+                t_dq = time.perf_counter()
                 n = torch.Size(s.shape).numel() * self.dtype.itemsize
                 dst = _view(self.dequant[slot], deq_off, n, self.dtype, s.shape)
                 compression.from_buffer(buf[s.offset:s.offset + s.nbytes], s.shape, self.policy.comp_weight_config,
                                         self.dtype, out=dst)
                 deq_off += n
                 out[s.role] = dst
+                with self._lock:
+                    self.dequant_time += time.perf_counter() - t_dq
             _fuse(out, "qkv", ("q", "k", "v"))
             _fuse(out, "gate_up", ("gate", "up"))
             ready = None
