@@ -61,6 +61,22 @@ def train_tokenizer(out_dir: str, vocab_size: int, bos: str | None = "</s>", cor
     return tok.get_vocab_size()
 
 
+def _randomize(model, far_norms: bool) -> None:
+    """Random init has tiny std; widen it so logits are not all near-uniform. far_norms: norm weights
+    drawn in [0.3, 2.5], so a missing or misplaced norm cannot go unnoticed (else around 1)."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+            elif "bias" in name:
+                p.normal_(0.0, 0.02)
+            elif far_norms:
+                p.uniform_(0.3, 2.5)
+            else:
+                p.normal_(1.0, 0.05)
+
+
 def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = "safetensors",
                           max_shard_size: str | None = None, tokenizer: bool = True) -> str:
     """Write a random OPT checkpoint (+ tokenizer) to out_dir and return it.
@@ -81,14 +97,7 @@ def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = 
         activation_dropout=0.0, layerdrop=0.0, torch_dtype="float32")
     torch.manual_seed(cfg.seed)
     model = OPTForCausalLM(config).eval()
-    with torch.no_grad():  # random init has tiny std; widen it so logits are not all near-uniform
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
-            elif "bias" in name:
-                p.normal_(0.0, 0.02)
-            else:
-                p.normal_(1.0, 0.05)
+    _randomize(model, far_norms=False)
     kw = {"safe_serialization": fmt == "safetensors"}
     if max_shard_size:
         kw["max_shard_size"] = max_shard_size
@@ -137,7 +146,6 @@ def build_tiny_family(out_dir: str, variant: str, *, seed: int = 0, tokenizer: b
                       legacy_rope_keys: bool = False, **overrides) -> str:
     """A random checkpoint of TINY_FAMILIES[variant] saved by transformers itself (safetensors).
 
-    Norm weights are drawn far from 1 so a missing or misplaced norm cannot go unnoticed.
     legacy_rope_keys rewrites config.json with `rope_theta` + `rope_scaling`, as older hub files are.
     """
     import torch
@@ -152,14 +160,7 @@ def build_tiny_family(out_dir: str, variant: str, *, seed: int = 0, tokenizer: b
                                   bos_token_id=0 if bos == "<s>" else None, attention_dropout=0.0, **cfg)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
-            elif "norm" in name:
-                p.uniform_(0.3, 2.5)
-            else:
-                p.normal_(0.0, 0.05)
+    _randomize(model, far_norms=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     if legacy_rope_keys:
         path = os.path.join(out_dir, "config.json")
