@@ -12,14 +12,15 @@ from .engine.model_spec import load_spec
 
 def load_engine(model: str, policy: Policy | str = "auto", *, device: str = "cpu", dtype: torch.dtype | None = None,
                 offload_dir: str | None = None, budget: MemoryBudget | None = None, prompt_len: int = 512,
-                gen_len: int = 32, allow_compression: bool = False) -> Engine:
+                gen_len: int = 32, allow_compression: bool = False, shared_host_weights: bool = False) -> Engine:
     if isinstance(policy, str):
         if policy != "auto":
             raise ConfigError(f"policy must be a Policy or 'auto', got {policy!r}")
         policy = resolve_policy(model, device=device, dtype=dtype, budget=budget, prompt_len=prompt_len,
                                 gen_len=gen_len, allow_compression=allow_compression)
     return Engine.from_pretrained(model, policy=policy, device=device, dtype=dtype, offload_dir=offload_dir,
-                                  budget=budget, prompt_len=prompt_len, gen_len=gen_len)
+                                  budget=budget, prompt_len=prompt_len, gen_len=gen_len,
+                                  shared_host_weights=shared_host_weights)
 
 
 def resolve_policy(model: str, *, device: str = "cpu", dtype: torch.dtype | None = None,

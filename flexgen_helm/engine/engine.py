@@ -54,6 +54,18 @@ def _check_policy(policy: Policy) -> None:
                           "set act_gpu_percent or act_cpu_percent to 100")
 
 
+def _weights_identity(model_name: str, reader) -> str:
+    """What names these weights across processes: `dummy:` weights are a function of the name; a
+    checkpoint is its directory plus each weight file's size and modification time."""
+    directory = getattr(reader, "directory", None)
+    if directory is None:
+        return model_name
+    files = sorted(os.listdir(directory))
+    stats = [(f, st.st_size, st.st_mtime_ns) for f in files
+             for st in [os.stat(os.path.join(directory, f))] if os.path.isfile(os.path.join(directory, f))]
+    return repr((os.path.realpath(directory), stats))
+
+
 def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -65,7 +77,7 @@ def resolve_device(device: str) -> torch.device:
 
 class Engine:
     def __init__(self, spec: ModelSpec, policy: Policy, reader, device: torch.device, dtype: torch.dtype,
-                 offload_dir: str | None, budget: MemoryBudget, model_name: str):
+                 offload_dir: str | None, budget: MemoryBudget, model_name: str, shared_host_weights: bool = False):
         self.spec, self.policy, self.device, self.dtype = spec, policy, device, dtype
         self.model_name = model_name
         self.budget = budget
@@ -76,7 +88,9 @@ class Engine:
         self.block_counter = 0
         self.closed = False
         try:
-            self.weights = WeightStore(spec, policy, self.tiers, reader, dtype)
+            self.weights = WeightStore(spec, policy, self.tiers, reader, dtype,
+                                       shared_dir=offload_dir if shared_host_weights else None,
+                                       source_id=_weights_identity(model_name, reader) if shared_host_weights else None)
         except BaseException:
             self.close()
             raise
@@ -85,10 +99,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, policy: Policy, device: str = "cpu", dtype: torch.dtype | None = None,
                         offload_dir: str | None = None, budget: MemoryBudget | None = None, prompt_len: int = 512,
-                        gen_len: int = 32) -> "Engine":
+                        gen_len: int = 32, shared_host_weights: bool = False) -> "Engine":
         """`model`: a checkpoint directory, a hub id, or `dummy:NAME`. `policy` is concrete; the policy
         search ("auto") is resolved one level up, by flexgen_helm.load_engine. Everything is checked
-        (device, budget, offload directory, checkpoint names and shapes) before a byte is written."""
+        (device, budget, offload directory, checkpoint names and shapes) before a byte is written.
+
+        shared_host_weights: the host-tier weights are one read-only file in `offload_dir`, mapped by
+        every engine on this host with the same weights, placement and dtype (one copy in RAM)."""
         if not isinstance(policy, Policy):
             raise ConfigError(f"Engine takes a concrete Policy, got {policy!r}; for the policy search use "
                               "flexgen_helm.load_engine(model, policy='auto', ...)")
@@ -111,6 +128,9 @@ class Engine:
                     f"policy needs {need / 1e9:.3f} GB on the {tier} tier for prompt {prompt_len} + {gen_len} "
                     f"tokens but the budget is {limit / 1e9:.3f} GB; raise it to at least {need / 1e9:.3f} GB, "
                     "lower gpu_batch_size/num_gpu_batches, or move weights/cache to a lower tier")
+        if shared_host_weights and offload_dir is None:
+            raise ConfigError("shared_host_weights keeps one file of host-tier weights in the offload directory: "
+                              "pass offload_dir (--offload-dir)")
         if plan["disk"] and offload_dir is None:
             raise ConfigError("the policy puts weights or cache on disk: pass offload_dir (--offload-dir)")
         if model.startswith("dummy:"):
@@ -120,7 +140,7 @@ class Engine:
             spec = load_spec(path)
             reader = CheckpointReader(path, spec)
             check_checkpoint(reader, spec)
-        return cls(spec, policy, reader, dev, dtype, offload_dir, budget, model)
+        return cls(spec, policy, reader, dev, dtype, offload_dir, budget, model, shared_host_weights)
 
     @property
     def max_context(self) -> int:

@@ -110,6 +110,7 @@ class Tiers:
         self.page_cache_fallback = 0
         self._moved_lock = threading.Lock()
         self._files: list[DiskFile] = []
+        self.on_close: list = []  # callables run by close() (e.g. dropping the shared host weights)
 
     # ---- accounting ------------------------------------------------------------------------
     def count(self, link: str, nbytes: int) -> None:
@@ -167,6 +168,9 @@ class Tiers:
         self.chunk_pool.shutdown(wait=True)
         for f in list(self._files):
             f.remove()
+        for fn in self.on_close:
+            fn()
+        self.on_close.clear()
 
 
 class DiskFile:

@@ -35,7 +35,10 @@ def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape
 
 
 class WeightStore:
-    def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype,
+                 shared_dir: str | None = None, source_id: str | None = None):
+        """shared_dir: map the host-tier segments from one file there, shared with every engine of
+        this host that has the same `source_id` (the weights' identity), policy and dtype."""
         self.spec, self.policy, self.tiers, self.dtype = spec, policy, tiers, dtype
         es = torch.empty(0, dtype=dtype).element_size()
         self.layouts: list[LayerLayout] = [layer_layout(spec, j, es, policy, cpu_compute=not tiers.on_cuda)
@@ -45,23 +48,36 @@ class WeightStore:
         on_cuda = tiers.on_cuda
         disk_total = sum(align_up(db) for _, _, db in self.segments if db)
         self.disk: DiskFile | None = tiers.disk_file("weights.bin", disk_total, "weights") if disk_total else None
+        shared = self._open_shared(shared_dir, source_id)
+        self.shared_built = shared is not None and shared.needs_build  # this engine wrote the shared file
         self.gpu_seg, self.cpu_seg, self.disk_off = [], [], []
-        off = 0
+        off = cpu_off = 0
+        cpu_offs = []
         for j, lay in enumerate(self.layouts):
-            flat = self._build_flat(reader, j, lay)
             gb, cb, db = self.segments[j]
+            skip_cpu = shared is not None and not shared.needs_build  # another engine wrote them
+            flat = self._build_flat(reader, j, lay) if gb or db or (cb and not skip_cpu) else None
             g = tiers.alloc("gpu", gb, f"weights of layer {j}") if gb else None
             if g is not None:
                 g.copy_(flat[:gb])
-            c = tiers.alloc("cpu", cb, f"weights of layer {j}") if cb else None
-            if c is not None:
+            c = None
+            if cb and shared is not None:
+                if shared.needs_build:
+                    shared.write(cpu_off, flat[gb:gb + cb])
+            elif cb:
+                c = tiers.alloc("cpu", cb, f"weights of layer {j}")
                 c.copy_(flat[gb:gb + cb])
             if db:
                 self.disk.write(off, flat[gb + cb:])
             self.gpu_seg.append(g)
             self.cpu_seg.append(c)
             self.disk_off.append(off)
+            cpu_offs.append(cpu_off)
             off += align_up(db) if db else 0
+            cpu_off += align_up(cb) if cb else 0
+        if shared is not None:
+            mapped = shared.finish()
+            self.cpu_seg = [mapped[o:o + cb] if cb else None for o, (_, cb, _) in zip(cpu_offs, self.segments)]
         if self.disk is not None:
             self.disk.flush()  # later reads must come from the disk, not from pages we just wrote
         max_stored = max(l.nbytes for l in self.layouts)
@@ -84,6 +100,23 @@ class WeightStore:
         if on_cuda:
             self.stream = torch.cuda.Stream(device=tiers.device)
             self.free_events = [None, None]
+
+    def _open_shared(self, shared_dir: str | None, source_id: str | None):
+        """The shared host-tier file (see shared_weights.py), budgeted like host memory; None when
+        not asked for or when nothing lives on the host tier."""
+        total = sum(align_up(cb) for _, cb, _ in self.segments if cb)
+        if shared_dir is None or not total:
+            return None
+        from .shared_weights import SharedHostFile, shared_key
+        if source_id is None:
+            raise ValueError("shared host weights need the weights' identity (source_id)")
+        # everything that decides the bytes: weights, dtype, placement, compression, kernel layout
+        key = shared_key([source_id, str(self.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                          self.layouts, self.segments, self.policy.compress_weight, self.policy.comp_weight_config])
+        self.tiers.stats["cpu"].reserve(total, "shared host weights")  # mapped pages are host memory
+        shared = SharedHostFile(shared_dir, key, total)
+        self.tiers.on_close.append(shared.close)
+        return shared
 
     def _build_flat(self, reader, j: int, lay: LayerLayout) -> torch.Tensor:
         """The layer's bytes on the host, quantized where the policy compresses weights."""
