@@ -86,7 +86,8 @@ def test_shard_argv_round_trips_through_the_parser(tmp_path):
     opts = RunOptions(conf=[str(conf)], model="flexgen/opt-30b", suite="x", max_eval_instances=5,
                       run_entries=["mmlu:subject=anatomy"], output_path="out", local_path="pe",
                       engine={"gpu_mem": "16GB", "percent": (20.0, 80.0, 0.0, 100.0, 100.0, 0.0),
-                              "compress_weight": True, "compress_cache": True, "device": "cuda"},
+                              "compress_weight": True, "compress_cache": True, "device": "cuda",
+                              "shared_host_weights": True},
                       mongo_uri="mongodb://h/db")
     argv = shard_argv(opts, Shard(2, 3))
     assert argv[1:3] == ["-m", "flexgen_helm.cli"]
@@ -95,6 +96,24 @@ def test_shard_argv_round_trips_through_the_parser(tmp_path):
     assert args.output_path == os.path.abspath("out") and args.conf == [str(conf)]
     assert args.mongo_uri == "mongodb://h/db" and args.run_entries == ["mmlu:subject=anatomy"]
     assert engine_overrides(args) == opts.engine
+
+
+def test_local_workers_share_host_weights_when_an_offload_dir_is_given(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flexgen_helm.helm import launch as launch_mod
+    from flexgen_helm.helm import scaleout_cli
+
+    seen = []
+    monkeypatch.setattr(launch_mod, "launch", lambda opts, backend, lo: seen.append(dict(opts.engine)) or
+                        SimpleNamespace(failed=[]))
+    monkeypatch.setattr(launch_mod, "print_launch_summary", lambda *a: None)
+    args = SimpleNamespace(slurm=False, gpus=None, workers=2, slurm_arg=[], shards=None, max_jobs=None, retries=1,
+                           poll=1.0)
+    for engine in ({"offload_dir": str(tmp_path)}, {}):
+        opts = RunOptions(conf=[], model="m", suite="s", engine=dict(engine))
+        assert scaleout_cli.launch(args, opts) == 0
+    assert seen == [{"offload_dir": str(tmp_path), "shared_host_weights": True}, {}]
 
 
 def test_slurm_options(tmp_path):

@@ -19,13 +19,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu | cuda[:i] (default: cuda when visible)")
     g.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--offload-dir", help="directory for the disk tier")
+    g.add_argument("--shared-host-weights", action="store_true",
+                   help="keep the host-tier weights in one read-only file in --offload-dir, mapped by every "
+                        "process of this host serving the same model (on by default for --gpus/--workers)")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     kw = {"gpu_mem": args.gpu_mem, "cpu_mem": args.cpu_mem, "disk_mem": args.disk_mem, "policy": args.policy,
           "percent": tuple(args.percent) if args.percent else None, "gpu_batch_size": args.gpu_batch_size,
           "num_gpu_batches": args.num_gpu_batches, "device": args.device, "dtype": args.dtype,
-          "offload_dir": args.offload_dir}
+          "offload_dir": args.offload_dir, "shared_host_weights": args.shared_host_weights or None}
     if args.compress:
         kw.update(compress_weight=True, compress_cache=True)
     return {k: v for k, v in kw.items() if v is not None}

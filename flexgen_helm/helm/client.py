@@ -56,6 +56,8 @@ class EngineSettings:
     compress_weight: bool = False
     compress_cache: bool = False
     offload_dir: str | None = None
+    # host-tier weights in one read-only file in offload_dir, mapped by every worker of this host
+    shared_host_weights: bool = False
 
     @property
     def budget(self) -> MemoryBudget:
@@ -158,7 +160,7 @@ def shared_engine(s: EngineSettings, policy: Policy, prompt_len: int, gen_len: i
         hlog(f"flexgen: loading {s.model_path} on {device} with {policy.describe()}")
         engine = Engine.from_pretrained(s.model_path, policy=policy, device=device, dtype=dtype,
                                         offload_dir=s.offload_dir, budget=s.budget, prompt_len=prompt_len,
-                                        gen_len=gen_len)
+                                        gen_len=gen_len, shared_host_weights=s.shared_host_weights)
         _ENGINE = (s, policy, engine)
         return engine
 

@@ -71,7 +71,9 @@ def shard_argv(opts: RunOptions, shard: Shard) -> list[str]:
         a.append("--compress")
     for key, value in eng.items():
         flag = "--" + key.replace("_", "-")
-        if key == "percent":
+        if value is True:  # a switch
+            a.append(flag)
+        elif key == "percent":
             a += [flag, *(f"{x:g}" for x in value)]
         elif key in ("offload_dir", "policy") and os.path.exists(str(value)):
             a += [flag, os.path.abspath(value)]

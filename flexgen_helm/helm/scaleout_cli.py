@@ -69,6 +69,11 @@ def launch(args: argparse.Namespace, opts) -> int:
         if args.slurm_arg:
             raise ConfigError("--slurm-arg goes with --slurm")
         backend = LocalBackend(devices, cpu=not args.gpus)
+        if opts.engine.get("offload_dir"):  # workers of one host map one copy of the host-tier weights
+            opts.engine["shared_host_weights"] = True
+        else:
+            print("flexgen-helm: each worker keeps its own host-tier weights; give --offload-dir to share "
+                  "one copy between them (README: Scaling out)")
         lo = LaunchOptions(shards=args.shards or len(devices), max_jobs=min(args.max_jobs or len(devices), len(devices)),
                            retries=args.retries, poll_s=min(args.poll, 1.0))
     summary = launch(opts, backend, lo)
