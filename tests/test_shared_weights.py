@@ -94,3 +94,27 @@ def test_mapping_is_read_only(tiny_opt, tmp_path):
 def test_needs_offload_dir(tiny_opt):
     with pytest.raises(ConfigError, match="offload_dir"):
         Engine.from_pretrained(tiny_opt, policy=POLICY, dtype=torch.float32, shared_host_weights=True)
+
+
+def test_killed_builder_leaves_nothing_that_is_mapped(tiny_opt, tmp_path):
+    from flexgen_helm.engine import shared_weights
+
+    real_finish = shared_weights.SharedHostFile.finish
+    shared_weights.SharedHostFile.finish = lambda self: (_ for _ in ()).throw(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Engine.from_pretrained(tiny_opt, policy=POLICY, dtype=torch.float32, offload_dir=str(tmp_path),
+                                   shared_host_weights=True)
+    finally:
+        shared_weights.SharedHostFile.finish = real_finish
+    assert os.listdir(tmp_path) == []  # temp file, lock and private dir all removed
+    # a builder that died without cleaning up: its temp file never becomes the shared file
+    with Engine.from_pretrained(tiny_opt, policy=POLICY, dtype=torch.float32, offload_dir=str(tmp_path),
+                                shared_host_weights=True) as e:
+        built_name = next(f for f in _shared_files(str(tmp_path)) if f.endswith(".weights"))
+    stale = tmp_path / f"{built_name}.999999.tmp"
+    stale.write_bytes(b"partial")
+    with Engine.from_pretrained(tiny_opt, policy=POLICY, dtype=torch.float32, offload_dir=str(tmp_path),
+                                shared_host_weights=True) as e:
+        assert e.weights.shared_built and not stale.exists()
+    assert os.listdir(tmp_path) == []

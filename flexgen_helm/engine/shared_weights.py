@@ -13,6 +13,7 @@ lock without waiting: nobody else holds a shared one, so it was the last user.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import mmap
 import os
@@ -63,6 +64,8 @@ class SharedHostFile:
         self.tensor: torch.Tensor | None = None
         self.closed = False
         self.lock_fd: int | None = _locked_lock_file(self.lock_path)  # held until finish()
+        for stale in glob.glob(glob.escape(self.path) + ".*.tmp"):  # a builder killed mid-way (it held the lock)
+            os.remove(stale)
         try:
             if os.path.exists(self.path):
                 if os.path.getsize(self.path) != nbytes:  # same name, other bytes: a stale or foreign file
