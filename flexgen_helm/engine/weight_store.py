@@ -34,11 +34,16 @@ def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape
 
 
 class WeightStore:
-    def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype,
+                 held: "set[int] | None" = None):
+        """`held`: the scheduling layers this store keeps (a pipeline stage's range); default all."""
         self.spec, self.policy, self.tiers, self.dtype = spec, policy, tiers, dtype
         es = torch.empty(0, dtype=dtype).element_size()
         self.layouts: list[LayerLayout] = [layer_layout(spec, j, es, policy) for j in range(spec.num_layers + 2)]
-        self.segments = [lay.segments(policy) for lay in self.layouts]
+        self.segments = [lay.segments(policy) if held is None or j in held else (0, 0, 0)
+                         for j, lay in enumerate(self.layouts)]
+        if held is not None:  # layers of other stages: nothing stored, never staged
+            self.layouts = [lay if j in held else LayerLayout((), 0, 0) for j, lay in enumerate(self.layouts)]
         self.streamed = policy.w_gpu_percent < 100
         on_cuda = tiers.on_cuda
         disk_total = sum(align_up(db) for _, _, db in self.segments if db)
@@ -46,7 +51,7 @@ class WeightStore:
         self.gpu_seg, self.cpu_seg, self.disk_off = [], [], []
         off = 0
         for j, lay in enumerate(self.layouts):
-            flat = self._build_flat(reader, j, lay)
+            flat = self._build_flat(reader, j, lay) if lay.slots else torch.zeros(0, dtype=torch.uint8)
             gb, cb, db = self.segments[j]
             g = tiers.alloc("gpu", gb, f"weights of layer {j}") if gb else None
             if g is not None:
