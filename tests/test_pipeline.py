@@ -17,6 +17,8 @@ from flexgen_helm.engine.config import ConfigError, Policy  # noqa: E402
 from flexgen_helm.engine.engine import Engine  # noqa: E402
 from flexgen_helm.tiny import TinyOPT, build_tiny_checkpoint, build_tiny_family  # noqa: E402
 
+ALL_IDS = list(range(512))  # every token stops: each row finishes at its first token
+HALF_STOP = [ALL_IDS if i % 2 == 0 else [] for i in range(len(PROMPTS))]
 OPT_CASES = [
     dict(gbs=2, ngb=2, place=["compute", "mixed"], gen=GREEDY),                      # 0
     dict(gbs=2, ngb=2, place=["disk", "host-ccc"], gen=SAMPLED),                     # 1
@@ -25,6 +27,9 @@ OPT_CASES = [
     dict(gbs=2, ngb=2, place=["compute"], gen=GREEDY, bad_start_rank=1),              # 4
     dict(gbs=2, ngb=2, place=["compute"], gen=GREEDY, mismatch_rank=1),               # 5
     dict(gbs=2, ngb=1, place=["compute", "disk"], gen=SAMPLED, serve=True),           # 6
+    dict(gbs=2, ngb=2, place=["mixed", "host-ccc"], gen=dict(max_new_tokens=0, prompt_logprobs=True)),  # 7
+    dict(gbs=2, ngb=1, place=["compute"], gen=dict(max_new_tokens=5, stop_token_ids=ALL_IDS)),  # 8: all stop at once
+    dict(gbs=2, ngb=1, place=["compute", "mixed"], gen=dict(max_new_tokens=5, stop_token_ids=HALF_STOP)),  # 9
 ]
 FAMILY_CASES = [
     dict(gbs=2, ngb=2, place=["mixed", "disk", "host-ccc"], gen=GREEDY),               # 0
@@ -65,7 +70,7 @@ def family_run(tmp_path_factory):
     return model, out, codes
 
 
-@pytest.mark.parametrize("i", [0, 1, 2, 3])
+@pytest.mark.parametrize("i", [0, 1, 2, 3, 7, 8, 9])
 def test_two_stages_match_single_process_opt(opt_run, i):
     model, out = opt_run
     case, rec = OPT_CASES[i], load(out, i)
@@ -77,6 +82,8 @@ def test_two_stages_match_single_process_opt(opt_run, i):
     if "stages" in case:
         assert [s["layers"] for s in stages] == [[0, case["stages"][1]], [case["stages"][1], 4]]
     assert all(s["totals"]["busy_s"] > 0 for s in stages)
+    if i == 8:  # everyone finished at step 0: the pipeline stopped early instead of running 5 steps
+        assert max(u["step"] for u in stages[1]["units"]) <= 1
     assert load(out, i, 1) == {"seconds": load(out, i, 1)["seconds"]}  # other ranks return None
 
 

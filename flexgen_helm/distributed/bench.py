@@ -63,7 +63,7 @@ def main_distributed(args) -> int:
             wall = tot["busy_s"] + tot["wait_s"] + tot["send_s"]
             stages.append({**{k: st[k] for k in ("stage", "layers", "policy", "io_wait_s", "bytes_moved",
                                                   "peak_memory_bytes")},
-                           "busy_s": tot["busy_s"], "wait_s": tot["wait_s"], "send_s": tot["send_s"],
+                           "cpu_s": st["cpu_s"], "wall_s": st["wall_s"], "busy_s": tot["busy_s"], "wait_s": tot["wait_s"], "send_s": tot["send_s"],
                            "busy_fraction": tot["busy_s"] / wall if wall else None,
                            "decode_step_timeline": [u for u in st["units"] if u["step"] == step]})
         out = {"system": "flexgen-helm pipeline", "model": args.model, "prompt_len": args.prompt_len,
@@ -80,7 +80,7 @@ def main_distributed(args) -> int:
                                               "prefill_throughput", "decode_throughput")}, indent=2))
         for s in stages:
             print(f"stage {s['stage']} layers {s['layers']}: busy {s['busy_s']:.2f} s, waiting {s['wait_s']:.2f} s, "
-                  f"sending {s['send_s']:.2f} s")
+                  f"sending {s['send_s']:.2f} s; process CPU {s['cpu_s']:.2f} s in {s['wall_s']:.2f} s")
         return 0
     finally:
         eng.close()

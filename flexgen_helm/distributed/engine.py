@@ -112,10 +112,12 @@ class DistributedEngine:
     def from_pretrained(cls, model: str, policy: Policy, device: str = "cpu", dtype: torch.dtype | None = None,
                         offload_dir: str | None = None, budget: MemoryBudget | None = None, prompt_len: int = 512,
                         gen_len: int = 32, stages: list[int] | None = None, pipeline_groups: int | None = None,
-                        timeout_s: float = 1800.0) -> "DistributedEngine":
+                        timeout_s: float | None = None) -> "DistributedEngine":
         """Stage RANK of WORLD_SIZE (torchrun's environment). `policy`/`budget`/`offload_dir` are this
         stage's own. `stages`: decoder-layer bounds [0, b1, ..., L] (default: balanced by weight bytes);
-        `pipeline_groups`: micro-batch groups in flight (default: one per stage)."""
+        `pipeline_groups`: micro-batch groups in flight (default: one per stage). `timeout_s` (default
+        $FLEXGEN_PIPELINE_TIMEOUT_S or 1800): how long a stage waits for a peer before it gives up; a
+        peer that dies is noticed at once (its sockets close), one that hangs after this long."""
         if not isinstance(policy, Policy):
             raise ConfigError(f"Engine takes a concrete Policy, got {policy!r}; for the policy search use "
                               "flexgen_helm.load_engine(model, policy='auto', distributed=True, ...)")
@@ -123,6 +125,7 @@ class DistributedEngine:
         dtype = dtype or getattr(torch, default_dtype(dev.type))
         budget = budget or MemoryBudget()
         already = torch.distributed.is_available() and torch.distributed.is_initialized()
+        timeout_s = timeout_s or float(os.environ.get("FLEXGEN_PIPELINE_TIMEOUT_S", "1800"))
         rank, world = init_process_group(dev, timeout_s)
         ch = Channel(rank, world, dev if dev.type == "cuda" else torch.device("cpu"))
         groups = pipeline_groups or world
@@ -252,6 +255,7 @@ class DistributedEngine:
         timing, timeline = BlockTiming(), StageTimeline()
         prefill = decode = 0.0
         wave = bls * self.groups
+        cpu0, wall0 = time.process_time(), time.perf_counter()  # how much of a core this stage got
         try:
             for w0 in range(0, len(order), wave):
                 chunk = order[w0:w0 + wave]
@@ -286,6 +290,7 @@ class DistributedEngine:
             mine = {"stage": self.rank, "layers": [self.split.bounds[self.rank], self.split.bounds[self.rank + 1]],
                     "policy": self.policy.describe(), "io_wait_s": round(timing.io_wait, 6),
                     "totals": timeline.totals(), "units": timeline.units,
+                    "cpu_s": round(time.process_time() - cpu0, 6), "wall_s": round(time.perf_counter() - wall0, 6),
                     "bytes_moved": {k: v - moved0.get(k, 0) for k, v in tiers.bytes_moved.items()},
                     "peak_memory_bytes": tiers.peaks()}
             everyone = self.ch.all_gather_json(mine)
