@@ -22,7 +22,8 @@ def _stage_policy(args, rank: int) -> tuple[Policy, list[int] | None, int | None
         with open(args.policy) as f:
             d = json.load(f)
         if "stages" in d:
-            return Policy.from_dict(d["stages"][rank]["policy"]), d["bounds"], d.get("groups")
+            from .engine import stage_plan
+            return stage_plan(args.policy, rank)
     return _policy(args), None, None
 
 

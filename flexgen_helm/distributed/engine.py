@@ -66,6 +66,19 @@ def default_split(spec: ModelSpec, stages: int, dtype_bytes: int = 2) -> StageSp
     return balanced_split(per[1:-1], per[0], per[-1], stages)
 
 
+def stage_plan(path: str, rank: int) -> tuple[Policy, list[int], int]:
+    """(policy, stage bounds, pipeline groups) of stage `rank` from the JSON that
+    `flexgen-helm policy --stages N --json` writes."""
+    import json
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return Policy.from_dict(d["stages"][rank]["policy"]), list(d["bounds"]), int(d["groups"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"cannot read stage {rank} from pipeline plan {path} ({e}); write it with "
+                          "`flexgen-helm policy --stages N --json FILE`") from e
+
+
 class _StageEngine:
     """The parts of an Engine that StageRun reads, over one stage's layers."""
 
@@ -119,8 +132,9 @@ class DistributedEngine:
         $FLEXGEN_PIPELINE_TIMEOUT_S or 1800): how long a stage waits for a peer before it gives up; a
         peer that dies is noticed at once (its sockets close), one that hangs after this long."""
         if not isinstance(policy, Policy):
-            raise ConfigError(f"Engine takes a concrete Policy, got {policy!r}; for the policy search use "
-                              "flexgen_helm.load_engine(model, policy='auto', distributed=True, ...)")
+            raise ConfigError(f"a pipeline stage takes a concrete Policy, got {policy!r}; for the policy search run "
+                              "`flexgen-helm policy --model M --stages N ... --json plan.json` and give each rank "
+                              "flexgen_helm.distributed.engine.stage_plan('plan.json', rank)")
         dev = resolve_device(device)
         dtype = dtype or getattr(torch, default_dtype(dev.type))
         budget = budget or MemoryBudget()
@@ -340,6 +354,14 @@ class DistributedEngine:
         self.stage_engine.close()
         if self.owns_group and not self.broken and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def __del__(self):
+        try:  # never a collective here: just free this stage's memory and offload files
+            if not self.closed:
+                self.closed = True
+                self.stage_engine.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "DistributedEngine":
         return self
