@@ -64,12 +64,14 @@ def main_distributed(args) -> int:
             wall = tot["busy_s"] + tot["wait_s"] + tot["send_s"]
             stages.append({**{k: st[k] for k in ("stage", "layers", "policy", "io_wait_s", "bytes_moved",
                                                   "peak_memory_bytes")},
-                           "cpu_s": st["cpu_s"], "wall_s": st["wall_s"], "busy_s": tot["busy_s"], "wait_s": tot["wait_s"], "send_s": tot["send_s"],
+                           "cpu_s": st["cpu_s"], "wall_s": st["wall_s"], "busy_s": tot["busy_s"],
+                           "wait_s": tot["wait_s"], "send_s": tot["send_s"],
                            "busy_fraction": tot["busy_s"] / wall if wall else None,
                            "decode_step_timeline": [u for u in st["units"] if u["step"] == step]})
         out = {"system": "flexgen-helm pipeline", "model": args.model, "prompt_len": args.prompt_len,
                "gen_len": args.gen_len, "device": args.device, "dtype": str(dtype).replace("torch.", ""),
-               "torch_threads": torch.get_num_threads(), "world_size": eng.world, "stage_bounds": list(eng.split.bounds),
+               "torch_threads": torch.get_num_threads(), "world_size": eng.world,
+               "stage_bounds": list(eng.split.bounds),
                "pipeline_groups": eng.groups, "num_prompts": n, **_summary(runs, n, args.prompt_len, args.gen_len),
                "timeline_step": step, "stages": stages, "bytes_moved": last.stats.bytes_moved,
                "peak_memory_bytes": last.stats.peak_memory_bytes}
@@ -77,8 +79,9 @@ def main_distributed(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text)
-        print(json.dumps({k: out[k] for k in ("system", "model", "world_size", "stage_bounds", "generation_throughput",
-                                              "prefill_throughput", "decode_throughput")}, indent=2))
+        keys = ("system", "model", "world_size", "stage_bounds", "generation_throughput", "prefill_throughput",
+                "decode_throughput")
+        print(json.dumps({k: out[k] for k in keys}, indent=2))
         for s in stages:
             print(f"stage {s['stage']} layers {s['layers']}: busy {s['busy_s']:.2f} s, waiting {s['wait_s']:.2f} s, "
                   f"sending {s['send_s']:.2f} s; process CPU {s['cpu_s']:.2f} s in {s['wall_s']:.2f} s")

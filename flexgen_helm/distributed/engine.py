@@ -69,7 +69,6 @@ def default_split(spec: ModelSpec, stages: int, dtype_bytes: int = 2) -> StageSp
 def stage_plan(path: str, rank: int) -> tuple[Policy, list[int], int]:
     """(policy, stage bounds, pipeline groups) of stage `rank` from the JSON that
     `flexgen-helm policy --stages N --json` writes."""
-    import json
     try:
         with open(path) as f:
             d = json.load(f)
@@ -186,9 +185,10 @@ class DistributedEngine:
         for key in ("model", "dtype", "device", "gpu_batch_size", "num_gpu_batches", "groups", "bounds"):
             values = [m[key] for m in everyone]
             if any(v != values[0] for v in values):
-                raise ConfigError(f"ranks disagree on {key}: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(values))
-                                  + "; every rank must pass the same model, dtype, device type, gpu_batch_size, "
-                                    "num_gpu_batches, stages and pipeline_groups (placements and budgets may differ)")
+                listed = ", ".join(f"rank {r}={v}" for r, v in enumerate(values))
+                raise ConfigError(f"ranks disagree on {key}: {listed}; every rank must pass the same model, dtype, "
+                                  "device type, gpu_batch_size, num_gpu_batches, stages and pipeline_groups "
+                                  "(placements and budgets may differ)")
         if model.startswith("dummy:"):
             reader = DummyReader(spec)
         else:

@@ -26,7 +26,7 @@ from ..engine.kv_cache import CacheBlock
 from ..engine.placement import cache_block_tiers
 from ..engine.sampling import SamplingParams, row_generators
 from ..engine.scheduler import (BlockRun, BlockTiming, MicroBatch, _CacheStaging, _PrefixPipeline, _from_home,
-                                _head, _to_home)
+                                _head)
 from .comm import Channel
 from .split import StageSplit
 

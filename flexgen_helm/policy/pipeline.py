@@ -19,9 +19,8 @@ from ..distributed.engine import default_split
 from ..distributed.split import StageSplit, balanced_split
 from ..engine.config import ConfigError, MemoryBudget, Policy
 from ..engine.model_spec import ModelSpec
-from .cost_model import Estimate, estimate, model_for_policy, policy_variables
+from .cost_model import Estimate, build_block_model, model_for_policy, policy_variables
 from .profiler import HardwareProfile
-from .cost_model import build_block_model
 from .search import _may_fit, _variants, effective_budget, plan_one, search
 
 
