@@ -47,11 +47,18 @@ def register(sub) -> None:
     p.add_argument("--bound", action="store_true",
                    help="also measure disk read bandwidth and matmul throughput here and report the per-step "
                         "lower bound max(disk bytes / disk bw, matmul FLOPs / matmul rate)")
+    p.add_argument("--stages", default=None,
+                   help="under torchrun: decoder-layer bounds of the stages, e.g. 0,12,24 (default: balanced)")
+    p.add_argument("--pipeline-groups", type=int, default=None,
+                   help="under torchrun: micro-batch groups in flight (default: one per stage)")
     p.add_argument("--json", default=None, help="write the result here")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one pipeline stage per rank
+        from .distributed.bench import main_distributed
+        return main_distributed(args)
     result = run_bench(args)
     text = json.dumps(result, indent=2)
     if args.json:

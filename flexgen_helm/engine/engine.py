@@ -99,13 +99,19 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, policy: Policy, device: str = "cpu", dtype: torch.dtype | None = None,
                         offload_dir: str | None = None, budget: MemoryBudget | None = None, prompt_len: int = 512,
-                        gen_len: int = 32, shared_host_weights: bool = False) -> "Engine":
+                        gen_len: int = 32, shared_host_weights: bool = False, distributed: bool = False,
+                        stages: list[int] | None = None, pipeline_groups: int | None = None) -> "Engine":
         """`model`: a checkpoint directory, a hub id, or `dummy:NAME`. `policy` is concrete; the policy
         search ("auto") is resolved one level up, by flexgen_helm.load_engine. Everything is checked
         (device, budget, offload directory, checkpoint names and shapes) before a byte is written.
 
         shared_host_weights: the host-tier weights are one read-only file in `offload_dir`, mapped by
-        every engine on this host with the same weights, placement and dtype (one copy in RAM)."""
+        every engine on this host with the same weights, placement and dtype (one copy in RAM).
+        `distributed=True` (inside torchrun): this rank's pipeline stage, a DistributedEngine."""
+        if distributed:  # pipeline stages over torch.distributed: flexgen_helm/distributed/
+            from ..distributed.engine import DistributedEngine
+            return DistributedEngine.from_pretrained(model, policy, device, dtype, offload_dir, budget, prompt_len,
+                                                     gen_len, stages=stages, pipeline_groups=pipeline_groups)
         if not isinstance(policy, Policy):
             raise ConfigError(f"Engine takes a concrete Policy, got {policy!r}; for the policy search use "
                               "flexgen_helm.load_engine(model, policy='auto', ...)")

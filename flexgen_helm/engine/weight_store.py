@@ -36,14 +36,18 @@ def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape
 
 class WeightStore:
     def __init__(self, spec: ModelSpec, policy: Policy, tiers: Tiers, reader, dtype: torch.dtype,
-                 shared_dir: str | None = None, source_id: str | None = None):
+                 shared_dir: str | None = None, source_id: str | None = None, held: "set[int] | None" = None):
         """shared_dir: map the host-tier segments from one file there, shared with every engine of
-        this host that has the same `source_id` (the weights' identity), policy and dtype."""
+        this host that has the same `source_id` (the weights' identity), policy and dtype.
+        `held`: the scheduling layers this store keeps (a pipeline stage's range); default all."""
         self.spec, self.policy, self.tiers, self.dtype = spec, policy, tiers, dtype
         es = torch.empty(0, dtype=dtype).element_size()
         self.layouts: list[LayerLayout] = [layer_layout(spec, j, es, policy, cpu_compute=not tiers.on_cuda)
                                            for j in range(spec.num_layers + 2)]
-        self.segments = [lay.segments(policy) for lay in self.layouts]
+        self.segments = [lay.segments(policy) if held is None or j in held else (0, 0, 0)
+                         for j, lay in enumerate(self.layouts)]
+        if held is not None:  # layers of other stages: nothing stored, never staged
+            self.layouts = [lay if j in held else LayerLayout((), 0, 0) for j, lay in enumerate(self.layouts)]
         self.streamed = policy.w_gpu_percent < 100
         on_cuda = tiers.on_cuda
         disk_total = sum(align_up(db) for _, _, db in self.segments if db)

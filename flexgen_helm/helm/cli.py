@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -35,6 +36,22 @@ def engine_overrides(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..distributed.helm_serve import finish, serve_forever, world_size
+    if world_size() > 1:  # under torchrun: rank 0 runs HELM on a pipelined model, the others serve it
+        import torch
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # as the client's "auto"
+        if int(os.environ.get("RANK", "0")) > 0:
+            return serve_forever(device)
+        try:
+            return _run_helm(args)
+        finally:
+            from .client import close_engine
+            close_engine()
+            finish(device)
+    return _run_helm(args)
+
+
+def _run_helm(args: argparse.Namespace) -> int:
     import time
 
     from . import scaleout_cli

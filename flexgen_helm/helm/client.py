@@ -158,9 +158,13 @@ def shared_engine(s: EngineSettings, policy: Policy, prompt_len: int, gen_len: i
         if s.offload_dir is not None:
             os.makedirs(s.offload_dir, exist_ok=True)
         hlog(f"flexgen: loading {s.model_path} on {device} with {policy.describe()}")
-        engine = Engine.from_pretrained(s.model_path, policy=policy, device=device, dtype=dtype,
-                                        offload_dir=s.offload_dir, budget=s.budget, prompt_len=prompt_len,
-                                        gen_len=gen_len, shared_host_weights=s.shared_host_weights)
+        from ..distributed.helm_serve import build_engine, world_size
+        if world_size() > 1:  # under torchrun: this is stage 0 of a pipeline; the other ranks follow
+            engine = build_engine(s.model_path, policy, device, dtype, s.offload_dir, s.budget, prompt_len, gen_len)
+        else:
+            engine = Engine.from_pretrained(s.model_path, policy=policy, device=device, dtype=dtype,
+                                            offload_dir=s.offload_dir, budget=s.budget, prompt_len=prompt_len,
+                                            gen_len=gen_len, shared_host_weights=s.shared_host_weights)
         _ENGINE = (s, policy, engine)
         return engine
 

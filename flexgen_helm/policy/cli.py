@@ -36,6 +36,9 @@ def register(subparsers) -> None:
         p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element of the compute dtype (2)")
         p.add_argument("--allow-compression", action="store_true", help="also consider 4-bit weights / KV cache")
         p.add_argument("--top", type=int, default=0, help="also list the N next-best candidates")
+        p.add_argument("--stages", type=int, default=1,
+                       help="pipeline stages (one per GPU or host, run with torchrun): prints the split and each "
+                            "stage's policy; the budgets are per stage")
         p.add_argument("--json", default=None, help="write the result here")
         p.set_defaults(func=_cmd_policy)
 
@@ -77,6 +80,8 @@ def _cmd_policy(args) -> int:
     else:
         device = (args.device or "cpu").split(":")[0]
         hw = load_or_measure(device, profile_dtype(device, args.dtype_bytes), log=print, spec=spec)
+    if args.stages > 1:
+        return _print_pipeline(args, spec, budget, hw)
     res = search(spec, prompt_len=args.prompt_len, gen_len=args.gen_len, budget=budget, hw=hw,
                  dtype_bytes=args.dtype_bytes, num_prompts=args.num_prompts,
                  allow_compression=args.allow_compression, use_machine_memory=args.profile is None)
@@ -99,6 +104,22 @@ def _cmd_policy(args) -> int:
         out = est.to_dict()
         out.update({"model": spec.name, "profile": hw.name, "total_s": res.best.total_s,
                     "budget": {"gpu": budget.gpu, "cpu": budget.cpu, "disk": budget.disk}})
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _print_pipeline(args, spec, budget, hw) -> int:
+    from .pipeline import describe, plan_pipeline
+    plan = plan_pipeline(spec, args.stages, prompt_len=args.prompt_len, gen_len=args.gen_len, budget=budget, hw=hw,
+                         dtype_bytes=args.dtype_bytes, allow_compression=args.allow_compression)
+    print(f"{spec.name}, prompt {args.prompt_len} + gen {args.gen_len}, profile {hw.name}, budgets per stage "
+          f"gpu={args.gpu_mem} cpu={args.cpu_mem or 'unlimited'} disk={args.disk_mem or 'unlimited'}")
+    print("\n".join(describe(plan)))
+    if args.json:
+        out = plan.to_dict()
+        out.update({"model": spec.name, "profile": hw.name})
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
         print(f"wrote {args.json}")
