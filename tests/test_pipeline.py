@@ -46,10 +46,18 @@ def _reference(model: str, gbs: int, gen: dict, n: int = len(PROMPTS)):
 
 def _same(res: dict, ref) -> None:
     assert res["sequences"] == ref.sequences
-    assert res["logprobs"] == ref.logprobs  # fp32, same micro-batches: bit-identical
+    # fp32; block-wide decode matmuls (one call over a block's rows) may round differently in the last bit
+    for got, want in zip(res["logprobs"], ref.logprobs):
+        assert got == pytest.approx(want, abs=1e-5)
     assert res["finish_reasons"] == ref.finish_reasons
-    assert res["prompt_logprobs"] == ref.prompt_logprobs
-    assert res["top"] == [[{str(k): v for k, v in d.items()} for d in row] for row in ref.top_logprobs]
+    if ref.prompt_logprobs is None:
+        assert res["prompt_logprobs"] is None
+    else:
+        for got, want in zip(res["prompt_logprobs"], ref.prompt_logprobs):
+            assert got == pytest.approx(want, abs=1e-5)
+    for got_row, want_row in zip(res["top"], ref.top_logprobs, strict=True):
+        for got, want in zip(got_row, want_row, strict=True):
+            assert got == pytest.approx({str(k): v for k, v in want.items()}, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
