@@ -6,7 +6,6 @@ prefill throughput = prompt tokens / prefill time, decode throughput = tokens af
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics

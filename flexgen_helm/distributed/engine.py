@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype
-from ..engine.engine import Engine, GenerationResult, GenerationStats, _check_policy, resolve_device
+from ..engine.engine import (Engine, GenerationResult, GenerationStats, Outputs, _check_policy,
+                             left_padded_micro_batch, resolve_device)
 from ..engine.model_spec import ModelSpec, load_spec
 from ..engine.placement import act_tier, layer_layout, memory_plan, workspace_nbytes
 from ..engine.rope import Rotary
 from ..engine.sampling import SamplingParams
-from ..engine.scheduler import BlockTiming, MicroBatch
+from ..engine.scheduler import BlockTiming
 from ..engine.tiers import Tiers, align_up
 from ..engine.weight_store import WeightStore
 from ..engine.weights import CheckpointReader, DummyReader, check_checkpoint, resolve_checkpoint
@@ -260,8 +261,7 @@ class DistributedEngine:
         rows = [(p, c) for p in range(n) for c in range(num_completions)]
         order = sorted(range(len(rows)), key=lambda r: len(input_ids[rows[r][0]]))  # as Engine: same micro-batches
         gbs, bls = self.policy.gpu_batch_size, self.policy.block_size
-        out_seq, out_lp, out_top = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
-        out_reason, out_prompt_lp = ["length"] * len(rows), [None] * n
+        out = Outputs(rows, n)
         stats = PipelineStats(prompt_tokens=sum(len(input_ids[p]) for p, _ in rows))
         tiers = self.stage_engine.tiers
         moved0 = dict(tiers.bytes_moved)
@@ -273,8 +273,9 @@ class DistributedEngine:
         try:
             for w0 in range(0, len(order), wave):
                 chunk = order[w0:w0 + wave]
-                mbs = [self._micro_batch(chunk[m0:m0 + gbs], rows, input_ids, stop_ids, stop_seqs, max_new, stats)
-                       for m0 in range(0, len(chunk), gbs)]
+                mbs = [left_padded_micro_batch(chunk[m0:m0 + gbs], rows, input_ids, stop_ids, stop_seqs, max_new,
+                                               self.spec.pad_token_id, self.device) for m0 in range(0, len(chunk), gbs)]
+                stats.padded_prompt_tokens += sum(mb.ids.numel() for mb in mbs)
                 ng = min(self.groups, len(mbs))
                 groups = [list(range(len(mbs)))[g * len(mbs) // ng:(g + 1) * len(mbs) // ng] for g in range(ng)]
                 P = max(m.prompt_len for m in mbs)
@@ -293,12 +294,7 @@ class DistributedEngine:
                 first = timeline.first_tokens_at if timeline.first_tokens_at is not None else t0 + timing.prefill - p0
                 prefill, decode = prefill + first - t0, decode + t1 - first
                 stats.blocks += 1
-                for mb in mbs:
-                    for i, r in enumerate(mb.row_ids):
-                        out_seq[r], out_lp[r], out_top[r] = mb.tokens[i], mb.logprobs[i], mb.top[i]
-                        out_reason[r] = "stop" if mb.finished[i] else "length"
-                        if mb.prompt_logprobs is not None:
-                            out_prompt_lp[rows[r][0]] = mb.prompt_logprobs[i]
+                out.collect(mbs)
                 if progress is not None:
                     progress(len(chunk))
             mine = {"stage": self.rank, "layers": [self.split.bounds[self.rank], self.split.bounds[self.rank + 1]],
@@ -314,7 +310,6 @@ class DistributedEngine:
         if self.rank != 0:
             return None
         stats.prefill_time, stats.decode_time, stats.io_wait_time = prefill, decode, timing.io_wait
-        stats.generated_tokens = sum(len(s) for s in out_seq)
         stats.stages = everyone
         for st in everyone:
             for k, v in st["bytes_moved"].items():
@@ -322,20 +317,7 @@ class DistributedEngine:
             for k, v in st["peak_memory_bytes"].items():
                 stats.peak_memory_bytes[k] = max(stats.peak_memory_bytes.get(k, 0), v)
         stats.page_cache_fallback_reads = tiers.page_cache_fallback
-        return GenerationResult(out_seq, out_lp, out_top, out_prompt_lp if a["prompt_logprobs"] else None,
-                                out_reason, stats)
-
-    def _micro_batch(self, mrows, rows, input_ids, stop_ids, stop_seqs, max_new, stats) -> MicroBatch:
-        prompts = [input_ids[rows[r][0]] for r in mrows]
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.spec.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), P + max(max_new, 1)), dtype=torch.bool)
-        for i, p in enumerate(prompts):  # left padding: positions come from the mask
-            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, P - len(p):P] = True
-        stats.padded_prompt_tokens += ids.numel()
-        return MicroBatch(ids.to(self.device), mask.to(self.device), list(mrows),
-                          [stop_ids[rows[r][0]] for r in mrows], [stop_seqs[rows[r][0]] for r in mrows])
+        return out.result(stats, a["prompt_logprobs"])
 
     # ---- lifetime --------------------------------------------------------------------------
     def close(self) -> None:

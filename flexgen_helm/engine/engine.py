@@ -66,6 +66,46 @@ def _weights_identity(model_name: str, reader) -> str:
     return repr((os.path.realpath(directory), stats))
 
 
+def left_padded_micro_batch(mrows: list[int], rows: list[tuple[int, int]], input_ids: list[list[int]],
+                            stop_ids: list[set[int]], stop_seqs: list, max_new: int, pad_id: int,
+                            device: torch.device) -> MicroBatch:
+    """The output rows `mrows` as one left-padded micro-batch (positions come from the mask)."""
+    prompts = [input_ids[rows[r][0]] for r in mrows]
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P + max(max_new, 1)), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):P] = True
+    return MicroBatch(ids.to(device), mask.to(device), list(mrows), [stop_ids[rows[r][0]] for r in mrows],
+                      [stop_seqs[rows[r][0]] for r in mrows])
+
+
+class Outputs:
+    """Results per output row (prompt-major, a prompt's completions adjacent), filled block by block."""
+
+    def __init__(self, rows: list[tuple[int, int]], num_prompts: int):
+        self.rows = rows
+        self.seq: list[list[int]] = [[] for _ in rows]
+        self.lp: list[list[float]] = [[] for _ in rows]
+        self.top: list[list[dict[int, float]]] = [[] for _ in rows]
+        self.reason = ["length"] * len(rows)
+        self.prompt_lp: list[list[float] | None] = [None] * num_prompts
+
+    def collect(self, mbs: list[MicroBatch]) -> None:
+        for mb in mbs:
+            for i, r in enumerate(mb.row_ids):
+                self.seq[r], self.lp[r], self.top[r] = mb.tokens[i], mb.logprobs[i], mb.top[i]
+                self.reason[r] = "stop" if mb.finished[i] else "length"
+                if mb.prompt_logprobs is not None:
+                    self.prompt_lp[self.rows[r][0]] = mb.prompt_logprobs[i]
+
+    def result(self, stats: GenerationStats, prompt_logprobs: bool) -> GenerationResult:
+        stats.generated_tokens = sum(len(s) for s in self.seq)
+        return GenerationResult(self.seq, self.lp, self.top, self.prompt_lp if prompt_logprobs else None,
+                                self.reason, stats)
+
+
 def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -171,11 +211,7 @@ class Engine:
         rows = [(p, c) for p in range(n) for c in range(num_completions)]  # output order: prompt-major
         order = sorted(range(len(rows)), key=lambda r: len(input_ids[rows[r][0]]))  # less padding per micro-batch
         gbs, bls = self.policy.gpu_batch_size, self.policy.block_size
-        out_seq: list[list[int]] = [[] for _ in rows]
-        out_lp: list[list[float]] = [[] for _ in rows]
-        out_top: list[list[dict[int, float]]] = [[] for _ in rows]
-        out_reason = ["length"] * len(rows)
-        out_prompt_lp: list[list[float] | None] = [None] * n
+        out = Outputs(rows, n)
         stats = GenerationStats(prompt_tokens=sum(len(input_ids[p]) for p, _ in rows))
         moved0 = dict(self.tiers.bytes_moved)
         dq0 = self.weights.dequant_time
@@ -183,19 +219,9 @@ class Engine:
         self.tiers.reset_peaks()
         for b0 in range(0, len(order), bls):
             block = order[b0:b0 + bls]
-            mbs = []
-            for m0 in range(0, len(block), gbs):
-                mrows = block[m0:m0 + gbs]
-                prompts = [input_ids[rows[r][0]] for r in mrows]
-                P = max(len(p) for p in prompts)
-                ids = torch.full((len(prompts), P), self.spec.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(prompts), P + max(max_new_tokens, 1)), dtype=torch.bool)
-                for i, p in enumerate(prompts):  # left padding: positions come from the mask
-                    ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-                    mask[i, P - len(p):P] = True
-                stats.padded_prompt_tokens += ids.numel()
-                mbs.append(MicroBatch(ids.to(self.device), mask.to(self.device), mrows,
-                                      [stop_ids[rows[r][0]] for r in mrows], [stop_seqs[rows[r][0]] for r in mrows]))
+            mbs = [left_padded_micro_batch(block[m0:m0 + gbs], rows, input_ids, stop_ids, stop_seqs, max_new_tokens,
+                                           self.spec.pad_token_id, self.device) for m0 in range(0, len(block), gbs)]
+            stats.padded_prompt_tokens += sum(mb.ids.numel() for mb in mbs)
             ws = step_workspace_nbytes(self.spec, self.policy, len(mbs), max(m.prompt_len for m in mbs),
                                        self.dtype.itemsize, prompt_logprobs)
             self.tiers.stats["gpu"].reserve(ws, "compute workspace")
@@ -205,12 +231,7 @@ class Engine:
             finally:
                 self.tiers.stats["gpu"].release(ws)
             stats.blocks += 1
-            for mb in mbs:
-                for i, r in enumerate(mb.row_ids):
-                    out_seq[r], out_lp[r], out_top[r] = mb.tokens[i], mb.logprobs[i], mb.top[i]
-                    out_reason[r] = "stop" if mb.finished[i] else "length"
-                    if mb.prompt_logprobs is not None:
-                        out_prompt_lp[rows[r][0]] = mb.prompt_logprobs[i]
+            out.collect(mbs)
             if progress is not None:
                 progress(len(block))
         stats.prefill_time, stats.decode_time, stats.io_wait_time = timing.prefill, timing.decode, timing.io_wait
@@ -218,12 +239,10 @@ class Engine:
                            "attention": timing.attention, "head_and_sampling": timing.head,
                            "embedding": timing.embed,
                            "dequantization_in_io_threads": self.weights.dequant_time - dq0}
-        stats.generated_tokens = sum(len(s) for s in out_seq)
         stats.bytes_moved = {k: v - moved0.get(k, 0) for k, v in self.tiers.bytes_moved.items()}
         stats.peak_memory_bytes = self.tiers.peaks()
         stats.page_cache_fallback_reads = self.tiers.page_cache_fallback
-        return GenerationResult(out_seq, out_lp, out_top, out_prompt_lp if prompt_logprobs else None,
-                                out_reason, stats)
+        return out.result(stats, prompt_logprobs)
 
     def _check_inputs(self, input_ids, max_new, temperature, top_p, top_k, num_completions, top_logprobs,
                       stop_token_ids, stop_sequences) -> None:
