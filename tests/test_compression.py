@@ -305,3 +305,14 @@ def test_out_of_fp16_range_saturates_instead_of_nan():
     x = torch.tensor([[1e6], [-1e6], [3.0], [0.0]]).expand(4, 8).contiguous()
     y = C.fake_quantize(x, CompressionConfig(4, 64, 0))
     assert torch.isfinite(y).all() and y.abs().max() <= 65504 * 16
+
+
+def test_row_quantized_table_lookup_equals_the_dequantized_table():
+    from flexgen_helm.engine.config import Policy
+    cfg = Policy().comp_weight_config  # groups along the row (in_features), as the engine stores weights
+    table = torch.randn(300, 256) * 0.3
+    assert C.RowQuantizedTable.ok(table.shape, cfg) and not C.RowQuantizedTable.ok((300, 64), cfg)
+    buf = C.to_buffer(table, cfg)
+    rows = C.RowQuantizedTable(buf, table.shape, cfg, torch.float32)
+    ids = torch.tensor([[0, 5, 299], [17, 17, 3]])
+    assert torch.equal(rows.lookup(ids), torch.nn.functional.embedding(ids, C.fake_quantize(table, cfg)))

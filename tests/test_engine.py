@@ -314,3 +314,24 @@ def test_block_wide_decode_matmuls_equal_per_micro_batch(tiny_opt, ref, tmp_path
         assert set(res.stats.breakdown) == {"io_wait", "projections_and_mlp", "attention", "head_and_sampling",
                                             "embedding", "dequantization_in_io_threads"}
         assert res.stats.breakdown["projections_and_mlp"] > 0 and res.stats.breakdown["attention"] > 0
+
+
+def test_4bit_embedding_rows_are_dequantized_at_lookup(tmp_path_factory, tmp_path):
+    """hidden 128: the token and position tables are stored 4-bit with whole packing blocks per row,
+    so a lookup dequantizes only its rows (no per-step dequantization of the table)."""
+    from flexgen_helm.engine import compression as C
+    from flexgen_helm.tiny import TinyOPT, build_tiny_checkpoint
+    d = build_tiny_checkpoint(str(tmp_path_factory.mktemp("opt128")),
+                              TinyOPT(num_layers=2, hidden=128, num_heads=4, ffn=256, seed=5), tokenizer=False)
+    spec = load_spec(d)
+    kinds = {s.role: s.kind for s in layer_layout(spec, 0, 4, Policy(compress_weight=True), cpu_compute=True).slots}
+    assert kinds == {"tok_embed.weight": "rows", "pos_embed.weight": "rows"}
+    hf = OPTForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    C.fake_quantize_model(hf, Policy().comp_weight_config)
+    with torch.no_grad():
+        want = [hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=1)[0, len(p):].tolist()
+                for p in PROMPTS]
+    with _engine(d, Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True), tmp_path) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW)
+    assert res.sequences == want
+    assert res.stats.breakdown["dequantization_in_io_threads"] == 0.0  # nothing dequantized per step

@@ -394,3 +394,32 @@ class Int4Weight:
         x2 = x.reshape(-1, self.in_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, self.sz)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class RowQuantizedTable:
+    """A compressed embedding table grouped along its rows (group_dim 1): a lookup dequantizes only
+    the rows asked for, instead of the whole table at every load (the 50K-256K-row token tables
+    are the biggest tensors of a model, and a decode step reads one row per sequence)."""
+
+    def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
+        self.shape, self.cfg, self.dtype = tuple(shape), cfg, dtype
+        rows, width = self.shape
+        pb = packed_nbytes(self.shape, cfg)
+        self.packed = buf[:pb].view(rows, -1)  # whole 64-byte blocks per row: see row_lookup_ok
+        self.meta = buf[pb:pb + _META_BYTES * meta_numel(self.shape, cfg)].view(META_DTYPE).view(rows, -1)
+
+    @staticmethod
+    def ok(shape, cfg: CompressionConfig) -> bool:
+        """Each row owns whole packing blocks and whole groups, so rows can be cut out alone."""
+        if len(shape) != 2 or cfg.group_dim not in (1, -1):
+            return False
+        block = _BLOCK[cfg.num_bits][0]
+        return shape[1] % block == 0 and shape[1] % cfg.group_size == 0
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> rows (..., width) in the compute dtype, like F.embedding on the dense table."""
+        flat = ids.reshape(-1)
+        width = self.shape[1]
+        rows = dequantize(self.packed[flat].reshape(-1), self.meta[flat].reshape(-1), (flat.numel(), width),
+                          self.cfg, self.dtype)
+        return rows.view(*ids.shape, width)

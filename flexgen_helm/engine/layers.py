@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .compression import Int4Weight
+from .compression import Int4Weight, RowQuantizedTable
 from .model_spec import ModelSpec
 from .rope import apply_rotary
 
@@ -47,12 +47,18 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 def embed(w: Weights, spec: ModelSpec, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """ids, positions: (b, t) -> (b, t, h). Learned positions are looked up here; rotary ones are
     applied inside attention."""
-    x = F.embedding(ids, w["tok_embed.weight"])
+    x = _lookup(w["tok_embed.weight"], ids)
     if spec.has_projections:
         x = _linear(w, "project_in", x)
     if spec.positions == "learned":
-        x = x + F.embedding(positions + spec.position_offset, w["pos_embed.weight"])
+        x = x + _lookup(w["pos_embed.weight"], positions + spec.position_offset)
     return x
+
+
+def _lookup(table, ids: torch.Tensor) -> torch.Tensor:
+    if isinstance(table, RowQuantizedTable):  # 4-bit table: only the rows asked for are dequantized
+        return table.lookup(ids)
+    return F.embedding(ids, table)
 
 
 def _mlp(w: Weights, spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:

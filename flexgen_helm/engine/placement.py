@@ -67,7 +67,9 @@ def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_
             off = align_up(off + nb, TENSOR_ALIGN)
         elif policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer
-            slots.append(Slot(ref.role, ref.name, shape, "compressed", off, nb))
+            # embedding tables whose rows can be cut out alone are dequantized per looked-up row
+            rowwise = ref.role.split(".")[0] in EMBEDDING_ROLES and compression.RowQuantizedTable.ok(shape, cfg)
+            slots.append(Slot(ref.role, ref.name, shape, "rows" if rowwise else "compressed", off, nb))
             off = align_up(off + nb, TENSOR_ALIGN)
         else:
             slots.append(Slot(ref.role, ref.name, shape, "dense", off, n))

@@ -134,7 +134,7 @@ class WeightStore:
             elif slot.kind == "int4pack":
                 from . import compression
                 compression.to_int4pack(t, self.policy.comp_weight_config, self.dtype, dst)
-            else:
+            else:  # "compressed" and "rows" share the [packed | meta] format
                 from . import compression
                 compression.to_buffer(t, self.policy.comp_weight_config, out=dst)
         return flat
@@ -186,6 +186,11 @@ class WeightStore:
             for s in lay.slots:
                 if s.kind == "dense":
                     out[s.role] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
+                    continue
+                if s.kind == "rows":  # dequantized row by row at lookup
+                    from .compression import RowQuantizedTable
+                    out[s.role] = RowQuantizedTable(buf[s.offset:s.offset + s.nbytes], s.shape,
+                                                    self.policy.comp_weight_config, self.dtype)
                     continue
                 if s.kind == "int4pack":  # multiplied in place by the fused kernel: nothing to do now
                     from .compression import Int4Weight
