@@ -15,14 +15,9 @@ import torch.multiprocessing as mp
 
 from flexgen_helm.engine.config import ConfigError, MemoryBudget, Policy
 from flexgen_helm.engine.engine import Engine
+from placements import PLACEMENTS
 
-PLACE = {
-    "compute": dict(),
-    "host-ccc": dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
-                     act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True),
-    "disk": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0),
-    "mixed": dict(w_gpu_percent=30, w_cpu_percent=40, cache_gpu_percent=30, cache_cpu_percent=40),
-}
+PLACE = PLACEMENTS
 PROMPTS = [[0, 5, 9, 33, 7], [0, 11], [0, 300, 4, 4, 4, 19, 8, 200], [0, 42, 43], [0, 7, 7], [0, 90, 91, 92],
            [0, 123], [0, 64, 65, 66, 67]]
 GREEDY = dict(max_new_tokens=6, top_logprobs=2, prompt_logprobs=True, stop_token_ids=[3])

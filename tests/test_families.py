@@ -15,19 +15,15 @@ from flexgen_helm.engine import compression as C
 from flexgen_helm.engine.config import CompressionConfig
 from flexgen_helm.engine.model_spec import load_spec, spec_from_name
 from flexgen_helm.tiny import TINY_FAMILIES, build_tiny_family
+from placements import PLACEMENTS as PLACES
 
 # lengths 2..12 so the tiny Mistral's window of 5 is shorter than most prompts
 PROMPTS = [[0, 5, 6, 7, 8, 9, 10], [0, 11], [0, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
            [0, 100, 7, 300, 5], [0, 77, 78], [0, 9, 8, 7, 6, 5, 4, 3, 200, 201]]
 NEW = 6
 
-PLACEMENTS = {
-    "all-compute": dict(),
-    "all-host-ccc": dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
-                         act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True),
-    "all-disk": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0),
-    "mixed": dict(w_gpu_percent=30, w_cpu_percent=40, cache_gpu_percent=30, cache_cpu_percent=40),
-}
+PLACEMENTS = {"all-compute": PLACES["compute"], "all-host-ccc": PLACES["host-ccc"], "all-disk": PLACES["disk"],
+              "mixed": PLACES["mixed"]}
 SPLITS = [(2, 3), (1, 6), (4, 2)]
 
 
