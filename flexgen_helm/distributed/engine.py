@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
@@ -22,12 +20,10 @@ from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype
 from ..engine.engine import (Engine, GenerationResult, GenerationStats, Outputs, _check_policy,
                              left_padded_micro_batch, resolve_device)
 from ..engine.model_spec import ModelSpec, load_spec
-from ..engine.placement import act_tier, layer_layout, memory_plan, workspace_nbytes
-from ..engine.rope import Rotary
+from ..engine.placement import layer_layout, memory_plan, workspace_nbytes
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import BlockTiming
-from ..engine.tiers import Tiers, align_up
-from ..engine.weight_store import WeightStore
+from ..engine.tiers import align_up
 from ..engine.weights import CheckpointReader, DummyReader, check_checkpoint, resolve_checkpoint
 from .comm import Channel, PipelineError, init_process_group
 from .split import StageSplit, balanced_split
@@ -79,33 +75,8 @@ def stage_plan(path: str, rank: int) -> tuple[Policy, list[int], int]:
                           "`flexgen-helm policy --stages N --json FILE`") from e
 
 
-class _StageEngine:
-    """The parts of an Engine that StageRun reads, over one stage's layers."""
-
-    def __init__(self, spec: ModelSpec, policy: Policy, reader, device: torch.device, dtype: torch.dtype,
-                 offload_dir: str | None, budget: MemoryBudget, held: set[int]):
-        self.spec, self.policy, self.device, self.dtype, self.budget = spec, policy, device, dtype, budget
-        self._own_dir = tempfile.mkdtemp(prefix="flexgen-", dir=offload_dir) if offload_dir else None
-        self.tiers = Tiers(device, self._own_dir, budget.gpu, budget.cpu, budget.disk, pin_memory=policy.pin_weight)
-        self.act_home = act_tier(policy)
-        self.rotary = Rotary(spec.rope, spec.head_dim) if spec.positions == "rotary" else None
-        self.block_counter = 0
-        self.weights = None
-        try:
-            self.weights = WeightStore(spec, policy, self.tiers, reader, dtype, held=held)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self.tiers.close()
-        if self._own_dir:
-            shutil.rmtree(self._own_dir, ignore_errors=True)
-            self._own_dir = None
-
-
 class DistributedEngine:
-    def __init__(self, stage_engine: _StageEngine, channel: Channel, split: StageSplit, groups: int, model_name: str,
+    def __init__(self, stage_engine: Engine, channel: Channel, split: StageSplit, groups: int, model_name: str,
                  owns_group: bool):
         self.stage_engine, self.ch, self.split, self.groups = stage_engine, channel, split, groups
         self.spec, self.policy = stage_engine.spec, stage_engine.policy
@@ -197,7 +168,7 @@ class DistributedEngine:
             spec = load_spec(path)
             reader = CheckpointReader(path, spec)
             check_checkpoint(reader, spec)
-        stage = _StageEngine(spec, policy, reader, dev, dtype, offload_dir, budget, split.held(rank))
+        stage = Engine(spec, policy, reader, dev, dtype, offload_dir, budget, model, held=split.held(rank))
         return cls(stage, ch, split, groups, model, owns_group=not already)
 
     # ---- generation ------------------------------------------------------------------------

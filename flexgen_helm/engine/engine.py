@@ -117,7 +117,9 @@ def resolve_device(device: str) -> torch.device:
 
 class Engine:
     def __init__(self, spec: ModelSpec, policy: Policy, reader, device: torch.device, dtype: torch.dtype,
-                 offload_dir: str | None, budget: MemoryBudget, model_name: str, shared_host_weights: bool = False):
+                 offload_dir: str | None, budget: MemoryBudget, model_name: str, shared_host_weights: bool = False,
+                 held: set[int] | None = None):
+        """held: the scheduling layers this engine keeps (a pipeline stage's range); default all."""
         self.spec, self.policy, self.device, self.dtype = spec, policy, device, dtype
         self.model_name = model_name
         self.budget = budget
@@ -130,7 +132,8 @@ class Engine:
         try:
             self.weights = WeightStore(spec, policy, self.tiers, reader, dtype,
                                        shared_dir=offload_dir if shared_host_weights else None,
-                                       source_id=_weights_identity(model_name, reader) if shared_host_weights else None)
+                                       source_id=_weights_identity(model_name, reader) if shared_host_weights else None,
+                                       held=held)
         except BaseException:
             self.close()
             raise
