@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype
-from ..engine.engine import (Engine, GenerationResult, GenerationStats, Outputs, _check_policy,
-                             left_padded_micro_batch, resolve_device)
+from ..engine.engine import (Engine, GenerationResult, GenerationStats, Outputs, _check_policy, default_budget,
+                             left_padded_micro_batch, over_budget, resolve_device)
 from ..engine.model_spec import ModelSpec, load_spec
 from ..engine.placement import layer_layout, memory_plan, workspace_nbytes
 from ..engine.sampling import SamplingParams
@@ -125,19 +125,17 @@ class DistributedEngine:
             spec = load_spec(model)
             split = (StageSplit.from_bounds(stages, spec.num_layers, world) if stages is not None
                      else default_split(spec, world))
-            if dev.type == "cuda" and budget.gpu is None:
-                budget = MemoryBudget(torch.cuda.get_device_properties(dev).total_memory * 9 // 10, budget.cpu,
-                                      budget.disk)
+            budget = default_budget(dev, budget)
             plan = stage_memory_plan(spec, policy, split, rank, min(prompt_len, spec.max_positions), gen_len,
                                      dtype.itemsize, groups, dev.type == "cuda")
-            for tier, need in plan.items():
-                limit = getattr(budget, tier)
-                if limit is not None and need > limit:
-                    raise ConfigError(
-                        f"stage {rank} ({split.describe().split('; ')[rank]}) needs {need / 1e9:.3f} GB on the {tier} "
-                        f"tier for prompt {prompt_len} + {gen_len} tokens with {groups} micro-batch groups in "
-                        f"flight, but its budget is {limit / 1e9:.3f} GB; raise it, lower the batch sizes or "
-                        "pipeline_groups, or move weights/cache to a lower tier")
+            over = over_budget(plan, budget)
+            if over:
+                tier, need, limit = over
+                raise ConfigError(
+                    f"stage {rank} ({split.describe().split('; ')[rank]}) needs {need / 1e9:.3f} GB on the {tier} "
+                    f"tier for prompt {prompt_len} + {gen_len} tokens with {groups} micro-batch groups in "
+                    f"flight, but its budget is {limit / 1e9:.3f} GB; raise it, lower the batch sizes or "
+                    "pipeline_groups, or move weights/cache to a lower tier")
             if plan["disk"] and offload_dir is None:
                 raise ConfigError(f"stage {rank}'s policy puts weights or cache on disk: pass offload_dir")
         except ConfigError as e:

@@ -106,6 +106,23 @@ class Outputs:
                                 self.reason, stats)
 
 
+def over_budget(plan: dict[str, int], budget: MemoryBudget) -> tuple[str, int, int] | None:
+    """(tier, bytes needed, budget) of the first tier whose memory plan exceeds its budget, or None."""
+    for tier, need in plan.items():
+        limit = getattr(budget, tier)
+        if limit is not None and need > limit:
+            return tier, need, limit
+    return None
+
+
+def default_budget(dev: torch.device, budget: MemoryBudget | None) -> MemoryBudget:
+    """The given budget; on CUDA without a GPU limit, 90% of the card's memory."""
+    budget = budget or MemoryBudget()
+    if dev.type == "cuda" and budget.gpu is None:
+        budget = MemoryBudget(torch.cuda.get_device_properties(dev).total_memory * 9 // 10, budget.cpu, budget.disk)
+    return budget
+
+
 def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -160,9 +177,7 @@ class Engine:
                               "flexgen_helm.load_engine(model, policy='auto', ...)")
         dev = resolve_device(device)
         dtype = dtype or getattr(torch, default_dtype(dev.type))
-        budget = budget or MemoryBudget()
-        if dev.type == "cuda" and budget.gpu is None:
-            budget = MemoryBudget(torch.cuda.get_device_properties(dev).total_memory * 9 // 10, budget.cpu, budget.disk)
+        budget = default_budget(dev, budget)
         spec = load_spec(model)
         if offload_dir is not None and not os.path.isdir(offload_dir):
             raise ConfigError(f"offload directory {offload_dir} does not exist; create it first")
@@ -170,13 +185,13 @@ class Engine:
         _check_policy(policy)
         plan = memory_plan(spec, policy, min(prompt_len, spec.max_positions), gen_len, es,
                            device_is_cuda=dev.type == "cuda")
-        for tier, need in plan.items():
-            limit = getattr(budget, tier)
-            if limit is not None and need > limit:
-                raise ConfigError(
-                    f"policy needs {need / 1e9:.3f} GB on the {tier} tier for prompt {prompt_len} + {gen_len} "
-                    f"tokens but the budget is {limit / 1e9:.3f} GB; raise it to at least {need / 1e9:.3f} GB, "
-                    "lower gpu_batch_size/num_gpu_batches, or move weights/cache to a lower tier")
+        over = over_budget(plan, budget)
+        if over:
+            tier, need, limit = over
+            raise ConfigError(
+                f"policy needs {need / 1e9:.3f} GB on the {tier} tier for prompt {prompt_len} + {gen_len} "
+                f"tokens but the budget is {limit / 1e9:.3f} GB; raise it to at least {need / 1e9:.3f} GB, "
+                "lower gpu_batch_size/num_gpu_batches, or move weights/cache to a lower tier")
         if shared_host_weights and offload_dir is None:
             raise ConfigError("shared_host_weights keeps one file of host-tier weights in the offload directory: "
                               "pass offload_dir (--offload-dir)")
