@@ -186,3 +186,21 @@ def test_gqa_cache_is_kv_heads_wide(family_ckpt, tmp_path):
     cap = max(len(p) for p in PROMPTS[:2]) + 2
     want = spec.num_layers * 2 * cap * spec.kv_bytes_per_token(4)
     assert res.stats.peak_memory_bytes["cpu"] == want
+
+
+@pytest.mark.parametrize("variant, over", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, num_hidden_layers=3)),
+    ("mistral", dict(head_dim=24, num_attention_heads=6, num_key_value_heads=3, sliding_window=7)),
+])
+def test_windowed_layers_and_odd_head_dims_match_hf(variant, over, tmp_path):
+    """Qwen2's window from `max_window_layers` on (full attention below), and a head_dim of 24 with
+    3 KV heads; prompts of 2 to 31 tokens, longer than the windows."""
+    d = build_tiny_family(str(tmp_path / "m"), variant, seed=21, tokenizer=False, **over)
+    g = torch.Generator().manual_seed(11)
+    prompts = [[0] + torch.randint(4, 400, (n,), generator=g).tolist() for n in (3, 17, 9, 25, 1, 12, 30)]
+    if variant == "qwen2":
+        assert load_spec(d).window_layers == (1, 2)
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, **PLACEMENTS["mixed"], cpu_cache_compute=True)
+    off = tmp_path / "off"
+    off.mkdir()
+    _assert_matches(_run(d, pol, off, prompts), hf_reference(d, prompts, NEW))
