@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CPU, fp16 on CUDA")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
     p.add_argument("--offload-dir", default=None, help="disk tier directory (a temporary one inside . by default)")
     p.add_argument("--gpu-mem", default=None, help="compute-tier budget, e.g. 16GB (CUDA: also caps the allocator)")
     p.add_argument("--cpu-mem", default=None)
@@ -176,21 +176,31 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
         disk_bw = statistics.median(times)
     h = spec.hidden
 
-    def mm_rate(rows: int) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
+    w = torch.randn(4 * h, h, dtype=eng.dtype)
+    fused = any(s.kind == "int4pack" for lay in store.layouts for s in lay.slots)
+    if fused:  # 4-bit weights multiplied by the fused CPU kernel: its rate counts too
+        from .engine import compression
+        wcfg = pol.comp_weight_config
+        w4buf = torch.empty(compression.int4pack_nbytes(tuple(w.shape), wcfg, w.element_size()), dtype=torch.uint8)
+        compression.to_int4pack(w, wcfg, eng.dtype, w4buf)
+        w4 = compression.Int4Weight(w4buf, tuple(w.shape), wcfg, eng.dtype)
+
+    def mm_rate(rows: int, fn) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
         a = torch.randn(rows, h, dtype=eng.dtype)
-        w = torch.randn(4 * h, h, dtype=eng.dtype)
-        torch.nn.functional.linear(a, w)
+        fn(a)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            torch.nn.functional.linear(a, w)
+            fn(a)
             best = min(best, time.perf_counter() - t0)
         return 2 * rows * h * 4 * h / best
 
     # the machine's best matmul rate at any row count (the engine may run all of a block's rows in
     # one call), so the bound does not excuse small-row matmuls
-    rates = {rows: mm_rate(rows) for rows in sorted({pol.gpu_batch_size, n, 256, 1024})}
-    best = max(rates.values())
+    row_counts = sorted({pol.gpu_batch_size, n, 256, 1024})
+    rates = {rows: mm_rate(rows, lambda a: torch.nn.functional.linear(a, w)) for rows in row_counts}
+    int4_rates = {rows: mm_rate(rows, w4.matmul) for rows in row_counts} if fused else {}
+    best = max([*rates.values(), *int4_rates.values()])
     io = disk_bytes / disk_bw if disk_bw else 0.0
     prefill = max(io, spec.step_matmul_flops(n * prompt_len) / best)
     decode = max(io, spec.step_matmul_flops(n) / best)
@@ -198,7 +208,8 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     bound_tput = n * gen_len / total
     return {"formula": "per step: max(disk weight bytes / disk read bw, matmul FLOPs / matmul FLOP/s)",
             "disk_weight_bytes": disk_bytes, "disk_read_bw": disk_bw,
-            "matmul_flops_per_s_by_rows": rates, "matmul_flops_per_s_best": best,
+            "matmul_flops_per_s_by_rows": rates, "int4_fused_flops_per_s_by_rows": int4_rates,
+            "matmul_flops_per_s_best": best,
             "prefill_bound_s": prefill, "decode_step_bound_s": decode,
             "generation_throughput_bound": bound_tput, "fraction_of_bound": measured / bound_tput}
 

@@ -316,3 +316,67 @@ def test_row_quantized_table_lookup_equals_the_dequantized_table():
     rows = C.RowQuantizedTable(buf, table.shape, cfg, torch.float32)
     ids = torch.tensor([[0, 5, 299], [17, 17, 3]])
     assert torch.equal(rows.lookup(ids), torch.nn.functional.embedding(ids, C.fake_quantize(table, cfg)))
+
+
+def _without_kernels(monkeypatch, fn):
+    from flexgen_helm.engine import kernels
+    monkeypatch.setenv("FLEXGEN_HELM_NO_KERNELS", "1")
+    kernels._library.cache_clear()
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv("FLEXGEN_HELM_NO_KERNELS")
+        kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_dequantization_is_bit_equal_to_the_torch_ops(monkeypatch, bits, symmetric):
+    """The C loop (engine/kernels) and the torch-op fallback give the same bits, across group
+    sizes that split packing blocks, padded groups, values spanning 9 decades, fp32 and bf16."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("no C compiler here: only the torch-op path exists")
+    torch.manual_seed(bits + 10 * symmetric)
+    cases = [((48, 200), 1, 64), ((3, 5, 7, 80), -1, 64), ((16, 128), 1, 32), ((2000, 256), 1, 128),
+             ((64, 33), 0, 64), ((5, 40), 1, 16)]
+    for shape, gd, gs in cases:
+        cfg = CompressionConfig(num_bits=bits, group_size=gs, group_dim=gd, symmetric=symmetric)
+        x = torch.randn(shape) * torch.logspace(-6, 3, shape[-1])
+        packed, meta = C.quantize(x, cfg)
+        for dt in (torch.float32, torch.bfloat16):
+            fast = C.dequantize(packed, meta, shape, cfg, dt)
+            slow = _without_kernels(monkeypatch, lambda: C.dequantize(packed, meta, shape, cfg, dt))
+            assert torch.equal(fast.view(torch.int16 if dt == torch.bfloat16 else torch.int32),
+                               slow.view(torch.int16 if dt == torch.bfloat16 else torch.int32)), (shape, gd, dt)
+
+
+def test_compiled_dequantization_reads_every_fp16_meta_value(monkeypatch):
+    """Every finite fp16 step (subnormals included) converts like torch's half -> float."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    h = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    h = h[torch.isfinite(h)].contiguous()
+    cfg = CompressionConfig(num_bits=8, group_size=8, group_dim=-1, symmetric=True)
+    packed = torch.full((h.numel() * 8,), 200, dtype=torch.uint8)
+    fast = C.dequantize(packed, h, (h.numel(), 8), cfg, torch.float32)
+    slow = _without_kernels(monkeypatch, lambda: C.dequantize(packed, h, (h.numel(), 8), cfg, torch.float32))
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+
+
+def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, capsys):
+    from flexgen_helm.engine import kernels
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FLEXGEN_HELM_KERNEL_DIR", str(tmp_path / "k"))
+    kernels._library.cache_clear()
+    try:
+        cfg = CompressionConfig()
+        x = torch.randn(64, 128)
+        packed, meta = C.quantize(x, cfg)
+        y = C.dequantize(packed, meta, x.shape, cfg, torch.float32)
+        assert (y - x).abs().max() <= (x.max() - x.min()) / 15
+        assert not kernels.available()
+        assert "torch-op path" in capsys.readouterr().err
+    finally:
+        kernels._library.cache_clear()

@@ -10,6 +10,7 @@ import torch
 from transformers import OPTForCausalLM
 
 from flexgen_helm import ConfigError, Engine, MemoryBudget, Policy
+from flexgen_helm.engine.config import cpu_has_fast_bf16, default_dtype
 from flexgen_helm.engine.placement import layer_layout, memory_plan
 from flexgen_helm.engine.model_spec import load_spec, spec_from_name
 
@@ -174,7 +175,7 @@ def test_disk_reads_bypass_page_cache(tiny_opt, tmp_path):
 def test_dummy_model_shapes(tmp_path):
     pol = Policy(gpu_batch_size=2, w_gpu_percent=0, w_cpu_percent=0)
     with Engine.from_pretrained("dummy:opt-125m", policy=pol, offload_dir=str(tmp_path)) as eng:
-        assert eng.dtype == torch.bfloat16
+        assert eng.dtype == getattr(torch, default_dtype("cpu"))
         assert sum(f.stat().st_size for f in os.scandir(next(os.scandir(tmp_path)).path)) > 200e6  # real disk tier
         res = eng.generate([[2, 3, 4], [2, 5]], max_new_tokens=2)
     assert [len(s) for s in res.sequences] == [2, 2]
@@ -334,4 +335,27 @@ def test_4bit_embedding_rows_are_dequantized_at_lookup(tmp_path_factory, tmp_pat
     with _engine(d, Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True), tmp_path) as eng:
         res = eng.generate(PROMPTS, max_new_tokens=NEW)
     assert res.sequences == want
-    assert res.stats.breakdown["dequantization_in_io_threads"] == 0.0  # nothing dequantized per step
+    # bf16: decoder weights in the fused kernel's layout, tables row by row: nothing dequantized per step
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True)
+    with Engine.from_pretrained(d, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=str(tmp_path)) as eng:
+        assert eng.generate(PROMPTS, max_new_tokens=NEW).stats.breakdown["dequantization_in_io_threads"] == 0.0
+
+
+def test_cpu_default_dtype_follows_hardware_bf16(monkeypatch):
+    """bf16 only where the CPU multiplies it in hardware; emulated bf16 is slower than fp32."""
+    assert default_dtype("cuda:0") == "float16"
+    assert default_dtype("cpu") == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert default_dtype("cpu") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert default_dtype("cpu") == "bfloat16"
+
+
+def test_fp32_compute_dequantizes_4bit_weights_instead_of_the_fused_kernel():
+    """The fused CPU kernel runs a scalar path on fp32 activations: fp32 layouts dequantize."""
+    spec = spec_from_name("opt-125m")
+    pol = Policy(compress_weight=True)
+    kinds = lambda es: {s.kind for s in layer_layout(spec, 1, es, pol, cpu_compute=True).slots}  # noqa: E731
+    assert "int4pack" in kinds(2)
+    assert "int4pack" not in kinds(4) and "compressed" in kinds(4)

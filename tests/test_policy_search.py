@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from flexgen_helm.engine.config import ConfigError, MemoryBudget, Policy
 from flexgen_helm.engine.model_spec import spec_from_name
@@ -144,7 +145,7 @@ def test_engine_auto_runs_within_budget(tiny_opt, cached_toy_profile, tmp_path):
     spec = load_spec(tiny_opt)
     one = memory_plan(spec, Policy(gpu_batch_size=1), 16, 4, 2)["gpu"]
     budget = MemoryBudget(gpu=int(one * 1.2), cpu=10**8, disk=10**8)  # far from room for a big batch on the gpu
-    with load_engine(tiny_opt, policy="auto", device="cpu", offload_dir=str(tmp_path), budget=budget,
+    with load_engine(tiny_opt, policy="auto", device="cpu", dtype=torch.bfloat16, offload_dir=str(tmp_path), budget=budget,
                      prompt_len=16, gen_len=4) as eng:
         assert memory_plan(spec, eng.policy, 16, 4, 2)["gpu"] <= budget.gpu
         prompts = [[2, 5, 6, 7] * 4] * 3

@@ -158,13 +158,14 @@ def test_cache_key_separates_deployments_and_compute_dtypes():
     """Shards and workers share one cache: entries must never mix outputs of different numerics."""
     from helm.common.request import Request
 
+    from flexgen_helm.engine.config import default_dtype
     from flexgen_helm.helm.client import FlexGenClient
 
     def key(deployment: str, **client_args) -> dict:
         r = Request(model="m/x", model_deployment=deployment, prompt="Q", temperature=0.0, max_tokens=3)
         return FlexGenClient(None, model_path="m", **client_args).cache_key(r)
 
-    assert key("flexgen/x", device="cpu")["dtype"] == "bfloat16"  # "auto" resolved as the engine does
+    assert key("flexgen/x", device="cpu")["dtype"] == default_dtype("cpu")  # "auto" resolved as the engine does
     assert key("flexgen/x", device="cpu", dtype="float32")["dtype"] == "float32"
     assert key("flexgen/x", device="cpu") != key("flexgen/x-4bit", device="cpu")
     assert key("flexgen/x", device="cpu") == key("flexgen/x", device="cpu", gpu_batch_size=7)  # placement: same

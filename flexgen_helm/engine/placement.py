@@ -51,16 +51,19 @@ def _round_to(x: float, a: int) -> int:
 
 
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
-    """Slots of scheduling layer j. cpu_compute: 4-bit linear weights are stored in the fused CPU
-    kernel's layout (kind "int4pack": multiplied without dequantization) where their shape allows."""
+    """Slots of scheduling layer j. cpu_compute with a 2-byte (bf16) compute dtype: 4-bit linear
+    weights are stored in the fused CPU kernel's layout (kind "int4pack": multiplied without
+    dequantization) where their shape allows. With fp32 activations that kernel takes a scalar path
+    (measured 1 GFLOP/s vs 12-30 in bf16 on AVX2), so fp32 weights are dequantized at load instead."""
     from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
+    fused = cpu_compute and dtype_bytes == 2
     for ref in spec.layer_tensors(j):
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes
         dense += n
-        if (policy.compress_weight and cpu_compute and ref.role.split(".")[0] not in EMBEDDING_ROLES
+        if (policy.compress_weight and fused and ref.role.split(".")[0] not in EMBEDDING_ROLES
                 and compression.int4pack_ok(shape, cfg)):
             nb = compression.int4pack_nbytes(shape, cfg, dtype_bytes)
             slots.append(Slot(ref.role, ref.name, shape, "int4pack", off, nb))

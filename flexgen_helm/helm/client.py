@@ -24,7 +24,7 @@ from helm.common.hierarchical_logger import hlog
 from helm.common.request import ErrorFlags, GeneratedOutput, Request, RequestResult, Token
 from helm.proxy.retry import NonRetriableException
 
-from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
+from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, parse_bytes
 from .batching import Batch, GenParams, Item, cut_at_stop, plan_batches
 from .cache_check import check_request_cache
 from .interrupts import deferred_signals
@@ -45,7 +45,7 @@ def set_engine_overrides(**kw: Any) -> None:
 class EngineSettings:
     model_path: str
     device: str = "auto"  # "auto" = cuda when visible, else cpu
-    dtype: str = "auto"  # "auto" = the engine's choice (fp16 on CUDA, bf16 on CPU)
+    dtype: str = "auto"  # "auto" = the engine's choice (engine.config.default_dtype)
     policy: str | None = None  # None (fixed default), "auto" (policy search) or a JSON file
     percent: tuple[float, ...] | None = None  # FlexGen's six percentages
     gpu_batch_size: int | None = None
@@ -312,9 +312,8 @@ class FlexGenClient(CachingClient):
     def cache_key(self, r: Request) -> dict:
         if self._compression is None:
             self._compression = compression_tag(self.settings)
-            device, dtype = _device_dtype(self.settings)  # "auto" resolved: fp16 on CUDA, bf16 on CPU
-            self._dtype = str(dtype).replace("torch.", "") if dtype else ("float16" if device.startswith("cuda")
-                                                                           else "bfloat16")
+            device, dtype = _device_dtype(self.settings)  # "auto" resolved by engine.config.default_dtype
+            self._dtype = str(dtype).replace("torch.", "") if dtype else default_dtype(device)
         # what determines the output: the deployment, its weights, their compression and compute dtype,
         # and the request; not the placement policy or batch composition (so shards share entries)
         raw = {"engine": "flexgen-helm", "deployment": r.model_deployment, "model": self.settings.model_path,

@@ -205,6 +205,8 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     b, K, s, n = gbs, ngb, prompt_len, gen_len
     ccc = cpu_cache_compute
     (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg, not cuda)
+    # decoder weights in the fused 4-bit CPU layout (nothing dequantized) and a measured rate for it
+    fused_int4 = compress_weight and dec_dn == 0 and hw.int4_rate(1) is not None
     W_st = emb_st + L * dec_st + head_st
     max_st = max(emb_st, dec_st, head_st)
     max_dn = max(emb_dn, dec_dn, head_dn)
@@ -289,6 +291,9 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         call_rows = rows * K if block_matmul and not prefill and K > 1 else rows
         rate = hw.layer_rate(call_rows, spec)  # whole measured layers when the profile has them
         math_s = hw.sched_overhead_s + (flops / rate if rate else ov * rows / call_rows + mm(call_rows, flops, prefill))
+        if fused_int4:  # the layer's matmuls run in the fused 4-bit kernel instead of dense bf16
+            math_s = max(math_s + flops / hw.int4_rate(call_rows) - mm(call_rows, flops, prefill),
+                         flops / hw.int4_rate(call_rows))
         moves = act_move(t) * K
         if prefill:
             # causal: each of the b*s queries sees half the prompt on average

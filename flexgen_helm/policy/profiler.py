@@ -71,7 +71,9 @@ def opt_probe_spec(hidden: int, vocab: int = OPT_VOCAB) -> "ModelSpec":
 
 def profile_dtype(device: str, dtype_bytes: int) -> str:
     """The compute dtype a profile is measured in for `dtype_bytes`-byte elements."""
-    return "float32" if dtype_bytes == 4 else default_dtype(device)
+    if dtype_bytes == 4:
+        return "float32"
+    return "float16" if str(device).startswith("cuda") else "bfloat16"
 
 
 @dataclass
@@ -104,6 +106,9 @@ class HardwareProfile:
     # Used when present.
     layer_curves: Curves = field(default_factory=dict)
     head_curves: Curves = field(default_factory=dict)
+    # CPU with bf16 compute: the fused 4-bit matmul (_weight_int4pack_mm_for_cpu) on the same MLP
+    # shapes as mm_curve, [(rows, FLOP/s)]; 4-bit decoder weights are multiplied by it (empty: n/a)
+    int4_curve: list[tuple[int, float]] = field(default_factory=list)
     # prompt attention on the compute device, in FLOPs of ModelSpec.attention_flops (causal: each
     # query against half the prompt on average)
     attn_prefill_flops: float = 1e12
@@ -135,6 +140,10 @@ class HardwareProfile:
             return rate
         return _interp_rows(self.mm_curve, rows)
 
+    def int4_rate(self, rows: int) -> float | None:
+        """FLOP/s of the fused 4-bit CPU matmul on `rows` tokens (None: not measured)."""
+        return _interp_rows(self.int4_curve, rows) if self.int4_curve else None
+
     def layer_rate(self, rows: int, spec: "ModelSpec") -> float | None:
         """FLOP/s of one of `spec`'s decoder layers on `rows` tokens: its own measured curve, else
         the OPT-shaped curves at its hidden width (None: no layer curves, use mm_rate + overheads)."""
@@ -147,7 +156,8 @@ class HardwareProfile:
     # ---- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["mm_curve"] = [[int(r), float(f)] for r, f in self.mm_curve]
+        for k in ("mm_curve", "int4_curve"):
+            d[k] = [[int(r), float(f)] for r, f in getattr(self, k)]
         for k in ("layer_curves", "head_curves"):
             d[k] = {str(w): [[int(r), float(f)] for r, f in c] for w, c in getattr(self, k).items()}
         d["schema"] = SCHEMA
@@ -162,7 +172,8 @@ class HardwareProfile:
         if missing:
             raise ConfigError(f"hardware profile lacks {', '.join(missing)}; re-run `flexgen-helm profile`")
         kw = {k: v for k, v in d.items() if k in known}
-        kw["mm_curve"] = [(int(r), float(f)) for r, f in kw.get("mm_curve", [])]
+        for k in ("mm_curve", "int4_curve"):
+            kw[k] = [(int(r), float(f)) for r, f in kw.get(k, [])]
         for k in ("layer_curves", "head_curves"):
             kw[k] = {_read_key(w): [(int(r), float(f)) for r, f in c] for w, c in kw.get(k, {}).items()}
         return cls(**kw)
@@ -382,6 +393,28 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
             (x @ w1.t()) @ w2.t()
         t = _timeit(mlp, sync, per / 2)
         curve.append((rows, 2 * rows * 8 * h * h / t))
+    int4_curve: list[tuple[int, float]] = []
+    if not on_cuda and esize == 2:  # the engine's CPU layout for 4-bit weights (placement.layer_layout)
+        wcfg = CompressionConfig()
+        nb = compression.int4pack_nbytes((4 * h, h), wcfg, esize)
+        q = []
+        for w1, w2 in pairs:
+            bufs = (torch.empty(nb, dtype=torch.uint8), torch.empty(nb, dtype=torch.uint8))
+            compression.to_int4pack(w1, wcfg, tdtype, bufs[0])
+            compression.to_int4pack(w2.t().contiguous(), wcfg, tdtype, bufs[1])
+            q.append((compression.Int4Weight(bufs[0], (4 * h, h), wcfg, tdtype),
+                      compression.Int4Weight(bufs[1], (h, 4 * h), wcfg, tdtype), bufs))
+        for rows in (1, 4, 16, 64, 256, 1024):
+            x = torch.randn(rows, h).to(tdtype)
+            it = [0]
+
+            def mlp4() -> None:
+                a, b, _ = q[it[0] % len(q)]
+                it[0] += 1
+                b.matmul(a.matmul(x))
+            int4_curve.append((rows, 2 * rows * 8 * h * h / _timeit(mlp4, sync, per / 2)))
+        del q
+        log("fused 4-bit matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in int4_curve) + " GFLOP/s")
     del pairs
     log("matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in curve) + " GFLOP/s (rows:rate)")
 
@@ -431,8 +464,8 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     log(f"attention prefill {attn_pre / 1e9:.0f} GFLOP/s + {attn_pre_ov * 1e6:.0f} us/call, decode "
         f"{attn_dec / 1e9:.1f} GB/s + {attn_dec_ov * 1e6:.0f} us/call (host {host_dec / 1e9:.1f} GB/s)")
 
-    # -- 4-bit g64 (de)quantization: weights at load, KV entries at decode
-    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    # -- 4-bit g64 (de)quantization in the engine's weight format: weights at load, KV entries at decode
+    cfg = CompressionConfig()
     w = torch.randn(4 * h, h, device=dev).to(tdtype)
     packed, meta_t = compression.quantize(w, cfg)
     deq = w.numel() * esize / _timeit(lambda: compression.dequantize(packed, meta_t, w.shape, cfg, tdtype),
@@ -457,7 +490,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
 
     return HardwareProfile(
         name=f"{platform.node()}-{dev.type}", device=dev.type, dtype=dtype, h2d_bw=h2d, d2h_bw=d2h,
-        dev_copy_bw=dcopy, **disk, mm_curve=curve,
+        dev_copy_bw=dcopy, **disk, mm_curve=curve, int4_curve=int4_curve,
         layer_curves=layer_curves, head_curves=head_curves, attn_prefill_flops=attn_pre,
         attn_prefill_overhead_s=attn_pre_ov, attn_decode_bw=attn_dec, attn_decode_overhead_s=attn_dec_ov,
         host_attn_decode_bw=host_dec, dequant_bw=deq, quant_bw=qnt,

@@ -1,0 +1,126 @@
+"""Small C loops the engine compiles on first use, with the torch-op path as the fallback.
+
+The source ships with the package; the shared object is built once per (source, compiler, CPU
+flags) with the system C compiler into a cache directory (FLEXGEN_HELM_KERNEL_DIR, else
+~/.cache/flexgen-helm/kernels) and called through ctypes, which releases the GIL, so a few Python
+threads split one call across cores. No compiler, a failed build, or FLEXGEN_HELM_NO_KERNELS=1:
+the callers run their torch-op path (same results, slower) after one warning that says so.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+_SRC = os.path.join(os.path.dirname(__file__), "dequant.c")
+# -ffp-contract=off: no fused multiply-add, so results equal the torch-op path bit for bit.
+# -march=native is why the cache key includes the CPU flags: a shared home dir may serve other CPUs.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+_MIN_PARALLEL = 1 << 20   # values: below this a thread hand-off costs more than it saves
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> str:
+    return os.environ.get("FLEXGEN_HELM_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                       "flexgen-helm", "kernels")
+
+
+def _warn(msg: str) -> None:
+    print(f"flexgen-helm: {msg}", file=sys.stderr, flush=True)
+
+
+def _build(cc: str) -> str:
+    with open(_SRC, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + cc.encode() + " ".join(_FLAGS).encode() + _cpu_flags().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    path = os.path.join(out_dir, f"dequant-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    # build beside the target and rename: concurrent processes never load a half-written file
+    fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip()[-500:] or f"{cc} exited {proc.returncode}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@lru_cache(maxsize=1)
+def _library():
+    """The loaded kernel library, or None (and one warning) when it cannot be had."""
+    if os.environ.get("FLEXGEN_HELM_NO_KERNELS"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        _warn("no C compiler (cc/gcc/clang) found: 4-bit dequantization uses the torch-op path "
+              "(same results, ~4x slower on the CPU); install gcc to speed it up")
+        return None
+    try:
+        lib = ctypes.CDLL(_build(cc))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        _warn(f"building the dequantization kernel with {cc} failed ({e}); using the torch-op path "
+              "(same results, slower)")
+        return None
+    fn = lib.fg_dequantize
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: int, block_bytes: int,
+                    group: int, symmetric: bool) -> bool:
+    """Fill out[:num_codes] (contiguous CPU fp32 or bf16, flat order of the codes) from `packed`
+    (uint8) and `meta` (fp16) with the C loop. False when it cannot (the caller falls back)."""
+    import torch
+    fn = _library()
+    kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
+    if fn is None or kind is None or out.device.type != "cpu" or not (
+            packed.is_contiguous() and meta.is_contiguous() and out.is_contiguous()) or meta.dtype != torch.float16:
+        return False
+    args = (packed.data_ptr(), meta.data_ptr(), out.data_ptr())
+    tail = (bits, block_codes, block_bytes, group, int(symmetric), kind)
+    threads = max(1, torch.get_num_threads())
+    if num_codes < _MIN_PARALLEL or threads == 1:
+        return fn(*args, 0, num_codes, *tail) == 0
+    # split at block boundaries; each piece runs in a pool thread (ctypes drops the GIL)
+    per = -(-num_codes // threads // block_codes) * block_codes
+    bounds = [(b, min(b + per, num_codes)) for b in range(0, num_codes, per)]
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < len(bounds):
+            _pool = ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="fg-dequant")
+        pool = _pool
+    return all(r == 0 for r in pool.map(lambda be: fn(*args, be[0], be[1], *tail), bounds))

@@ -1,0 +1,107 @@
+"""Kernel figures behind the engine's CPU choices (issue: compute-side speed), in one JSON.
+
+Per row count: dense matmul in bf16 and fp32 and torch's fused 4-bit matmul (bf16 activations, the
+engine's `int4pack` slots) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
+reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
+the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed).
+
+    python scripts/measure_kernels.py --json reports/bench/kernels.json [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+
+    import torch
+
+    from flexgen_helm.engine import compression as C
+    from flexgen_helm.engine import kernels
+    from flexgen_helm.engine.config import CompressionConfig, cpu_has_fast_bf16
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, k = 8192, 2048
+    cfg = CompressionConfig()
+    ws = [torch.randn(n, k) for _ in range(3)]
+    dense = {dt: [w.to(dt) for w in ws] for dt in (torch.bfloat16, torch.float32)}
+    int4 = []
+    for w in ws:
+        buf = torch.empty(C.int4pack_nbytes((n, k), cfg, 2), dtype=torch.uint8)
+        C.to_int4pack(w, cfg, torch.bfloat16, buf)
+        int4.append(C.Int4Weight(buf, (n, k), cfg, torch.bfloat16))
+    rows_out = []
+    for rows in (1, 4, 16, 64, 256):
+        flops = 2 * rows * n * k
+        row = {"rows": rows}
+        for name, dt in (("bf16_dense", torch.bfloat16), ("fp32_dense", torch.float32)):
+            x, it = torch.randn(rows, k, dtype=dt), [0]
+
+            def mm(x=x, ws=dense[dt], it=it):
+                it[0] += 1
+                return x @ ws[it[0] % 3].t()
+            row[name + "_gflops"] = flops / _median_s(mm, args.reps) / 1e9
+        xb, it = torch.randn(rows, k, dtype=torch.bfloat16), [0]
+
+        def mm4(x=xb, it=it):
+            it[0] += 1
+            return int4[it[0] % 3].matmul(x)
+        row["int4_fused_bf16_gflops"] = flops / _median_s(mm4, args.reps) / 1e9
+        rows_out.append(row)
+        print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)
+
+    packed, meta = C.quantize(ws[0], cfg)
+    deq = {}
+    for dt in (torch.bfloat16, torch.float32):
+        out = torch.empty(n, k, dtype=dt)
+        for path in ("compiled", "torch_ops"):
+            if path == "torch_ops":
+                os.environ["FLEXGEN_HELM_NO_KERNELS"] = "1"
+            kernels._library.cache_clear()
+            if path == "compiled" and not kernels.available():
+                continue
+            t = _median_s(lambda: C.dequantize(packed, meta, (n, k), cfg, dt, out=out), args.reps)
+            deq[f"{path}_{str(dt).split('.')[1]}_ns_per_value"] = t / (n * k) * 1e9
+            os.environ.pop("FLEXGEN_HELM_NO_KERNELS", None)
+    kernels._library.cache_clear()
+    src, dst = ws[1].to(torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16)
+    deq["bf16_copy_ns_per_value"] = _median_s(lambda: dst.copy_(src), args.reps) / (n * k) * 1e9
+    print(" ".join(f"{key} {v:.3f}" for key, v in deq.items()), flush=True)
+
+    result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "fast_bf16": cpu_has_fast_bf16(),
+              "threads": torch.get_num_threads(), "weight_shape": [n, k], "matmul": rows_out,
+              "dequantize_4bit_g64": deq}
+    try:
+        with open("/proc/cpuinfo") as f:
+            result["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
