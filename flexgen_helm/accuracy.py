@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .engine.config import CompressionConfig, ConfigError, Policy
 
@@ -196,8 +196,8 @@ def run_accuracy(model: str, text: str, *, compress_weight: bool = False, compre
         raise ConfigError(f"--backend must be engine or reference, got {backend!r}")
     if kivi_keys and backend != "reference":
         raise ConfigError("--kivi-keys is simulated only: add --backend reference")
-    weight_cfg = weight_cfg or CompressionConfig(4, 64, 0)
-    cache_cfg = cache_cfg or CompressionConfig(4, 64, -1)
+    weight_cfg = weight_cfg or Policy().comp_weight_config
+    cache_cfg = cache_cfg or Policy().comp_cache_config
     dtype = dtype or ("float32" if device == "cpu" else "float16")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
@@ -294,8 +294,11 @@ def _main(args: argparse.Namespace) -> int:
     policy = Policy.from_percent(args.percent, **kw) if args.percent else Policy(**kw)
     result = run_accuracy(
         args.model, text, compress_weight=args.compress_weight, compress_cache=args.compress_cache,
-        weight_cfg=CompressionConfig(args.weight_bits, args.group_size, 0, args.symmetric),
-        cache_cfg=CompressionConfig(args.cache_bits, args.group_size, -1, args.symmetric),
+        # the engine's own group axes: weights along in_features, the cache along head_dim
+        weight_cfg=replace(Policy().comp_weight_config, num_bits=args.weight_bits, group_size=args.group_size,
+                           symmetric=args.symmetric),
+        cache_cfg=replace(Policy().comp_cache_config, num_bits=args.cache_bits, group_size=args.group_size,
+                          symmetric=args.symmetric),
         kivi_keys=args.kivi_keys, backend=args.backend, device=args.device, dtype=args.dtype,
         seqlen=args.seqlen, max_tokens=args.max_tokens, num_prompts=args.prompts,
         prompt_len=args.prompt_len, gen_len=args.gen_len, batch_size=args.batch_size, policy=policy,
