@@ -197,7 +197,7 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
 
     # the machine's best matmul rate at any row count (the engine may run all of a block's rows in
     # one call), so the bound does not excuse small-row matmuls
-    row_counts = sorted({pol.gpu_batch_size, n, 256, 1024})
+    row_counts = sorted({pol.gpu_batch_size, n, 16, 64, 256, 1024})
     rates = {rows: mm_rate(rows, lambda a: torch.nn.functional.linear(a, w)) for rows in row_counts}
     int4_rates = {rows: mm_rate(rows, w4.matmul) for rows in row_counts} if fused else {}
     best = max([*rates.values(), *int4_rates.values()])

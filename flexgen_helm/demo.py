@@ -1,7 +1,8 @@
-"""`flexgen-helm demo`: the whole pipeline offline on the embedded tiny model.
+"""`flexgen-helm demo`: the whole pipeline offline on the shipped demo model.
 
-Builds the tiny OPT checkpoint (random weights, own tokenizer), writes prod_env, places the
-stand-in data, runs run_specs.conf with `flexgen-helm run`, then `helm-summarize`.
+Points a prod_env at the packaged demo model (a small Llama trained by `flexgen-helm train-demo`
+on HELM's synthetic-reasoning generators), places the stand-in data, runs run_specs.conf with
+`flexgen-helm run`, then `helm-summarize`.
 """
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def _demo(args: argparse.Namespace) -> int:
     from .helm.batch_run import RunOptions, print_summary, run
     from .helm.prod_env import add_checkpoint
     from .helm.standins import place_standins
-    from .tiny import default_model_dir
+    from .tiny import DEMO_MODEL, demo_model_dir
 
     t0 = time.time()
     out, local = args.output_path, os.path.join(args.output_path, "prod_env")
-    print("1/4 tiny model ...", flush=True)
-    model_dir = default_model_dir(args.cache_dir)
-    deployment = add_checkpoint(local, model_dir, name="tiny-opt", client_args={"dtype": args.dtype})
+    print("1/4 demo model ...", flush=True)
+    model_dir = demo_model_dir()
+    deployment = add_checkpoint(local, model_dir, name=DEMO_MODEL, client_args={"dtype": args.dtype})
     print(f"    {model_dir} -> deployment {deployment} in {local}/")
     print("2/4 offline stand-in data ...", flush=True)
     for name, status in place_standins(out).items():
@@ -66,14 +67,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="offline end-to-end demo on the embedded tiny model",
+    p = subparsers.add_parser("demo", help="offline end-to-end demo on the shipped demo model",
                               description=__doc__.splitlines()[0])
     p.add_argument("-m", "--max-eval-instances", type=int, default=8)
     p.add_argument("--conf", help="run-entries conf (default: ./run_specs.conf, else the packaged copy)")
     p.add_argument("-o", "--output-path", default="demo_output")
     p.add_argument("--suite", default="demo")
-    p.add_argument("--cache-dir", default=".cache", help="where the tiny model is built once")
     p.add_argument("--gpu-batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="float32", help="engine compute dtype for the tiny model")
+    p.add_argument("--dtype", default="float32", help="engine compute dtype for the demo model (trained in fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

@@ -107,12 +107,19 @@ def build_tiny_checkpoint(out_dir: str, cfg: TinyOPT = TinyOPT(), *, fmt: str = 
     return out_dir
 
 
-def default_model_dir(root: str = ".cache") -> str:
-    """The embedded default model of the demo, built once under root."""
-    out = os.path.join(root, "tiny-opt")
-    if not os.path.exists(os.path.join(out, "tokenizer.json")):
-        build_tiny_checkpoint(out, TinyOPT(num_layers=4, hidden=128, num_heads=4, ffn=512, vocab_size=1024))
-    return out
+DEMO_MODEL = "demo-model"  # its deployment name: flexgen/demo-model (and flexgen/demo-model-4bit)
+
+
+def demo_model_dir() -> str:
+    """The demo's default model: a small Llama trained by `flexgen-helm train-demo` on HELM's
+    synthetic-reasoning generators, shipped with the package (safetensors + tokenizer, HF layout)."""
+    from importlib import resources
+    path = str(resources.files("flexgen_helm").joinpath("data", DEMO_MODEL))
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        from .engine.config import ConfigError
+        raise ConfigError(f"the demo model is missing from {path}: reinstall the package, or rebuild it with "
+                          f"`flexgen-helm train-demo --out {path}`")
+    return path
 
 
 # Tiny configs of the other families: GQA, a sliding window shorter than test prompts, tied and

@@ -1,10 +1,10 @@
-"""`flexgen-helm train-demo`: train the demo's small OPT on HELM's synthetic-reasoning data.
+"""`flexgen-helm train-demo`: train the demo's small model (Llama or OPT) on HELM's synthetic-reasoning data.
 
 The data (demo_tasks.py) comes from HELM's own generators under seeds other than HELM's, in HELM's
 prompt format with in-context examples; HELM's eval splits are held out. The loss is next-token
-prediction on every token (a run with the loss on the answers alone sat at chance for 200 steps:
-predicting a pattern-match "Result" or a rule's subject teaches the same lookups the answers need);
-the answer tokens' loss is logged beside it. Deterministic given --seed and
+prediction on every token, with the answer tokens weighted up (a run with the loss on the answers
+alone sat at chance for 200 steps: predicting a pattern-match "Result" or a rule's subject teaches
+the same lookups the answers need); the answer tokens' loss is logged beside it. Deterministic given --seed and
 --threads; prints progress and loss. The result is a standard HF checkpoint (safetensors, tokenizer).
 """
 from __future__ import annotations
@@ -20,10 +20,50 @@ from typing import Callable
 
 from .demo_tasks import (TASKS, Example, baselines, eval_prompt, generate_examples, num_shots, score,
                          training_text)
-from .tiny import TinyOPT
 
 VAL_SEED = 7          # generator seed of the validation examples printed at the end (not HELM's 42)
 EVALUATED = ("pattern_match", "srn_easy")  # the demo conf's synthetic sub-scenarios
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """Shape of the demo model. "llama" (RoPE, RMSNorm, gated SiLU, GQA, tied embeddings) learns the
+    position-matching these tasks need faster than OPT's learned positions; "opt" stays available."""
+    arch: str = "llama"
+    num_layers: int = 4
+    hidden: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn: int = 384
+    vocab_size: int = 2048      # an upper bound: the tokenizer may learn fewer merges
+    max_positions: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "opt"):
+            raise ValueError(f"arch {self.arch!r}: choose llama or opt")
+        if self.hidden % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden must be a multiple of num_heads, and num_heads of num_kv_heads")
+
+    @property
+    def bos(self) -> str:
+        return "<s>" if self.arch == "llama" else "</s>"
+
+    def hf_config(self, vocab: int):
+        """The transformers config of this shape (fp32, no dropout; ids as tiny.train_tokenizer makes them)."""
+        from transformers import LlamaConfig, OPTConfig
+        if self.arch == "opt":
+            return OPTConfig(
+                vocab_size=vocab, hidden_size=self.hidden, num_hidden_layers=self.num_layers, ffn_dim=self.ffn,
+                num_attention_heads=self.num_heads, max_position_embeddings=self.max_positions,
+                word_embed_proj_dim=self.hidden, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
+                eos_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+                torch_dtype="float32")
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=self.hidden, num_hidden_layers=self.num_layers,
+            intermediate_size=self.ffn, num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, attention_dropout=0.0, torch_dtype="float32")
 
 
 @dataclass(frozen=True)
@@ -38,11 +78,12 @@ class TrainConfig:
     # share of training sequences per task: the two the demo evaluates (add variable_substitution or
     # induction here to train them too; on a shared 2-core CPU every step counts)
     task_weights: tuple[tuple[str, float], ...] = (("pattern_match", 0.55), ("srn_easy", 0.45))
-    model: TinyOPT = field(default_factory=lambda: TinyOPT(
-        num_layers=3, hidden=128, num_heads=4, ffn=512, vocab_size=2048, max_positions=2048))
+    answer_weight: float = 4.0   # loss weight of answer tokens relative to the other tokens
+    model: DemoModel = field(default_factory=DemoModel)
     seeds_per_task: int = 1      # generator seeds (11,000 instances each) in the training pool
     threads: int = 1             # 2 threads on 2 busy cores ran 4x slower than 1
     log_every: int = 10
+    save_every: int = 250        # write the checkpoint every this many steps, so a stopped run keeps its work
     val_queries: int = 48        # validation prompts per evaluated task, greedy-decoded at the end
 
     def __post_init__(self) -> None:
@@ -80,13 +121,16 @@ def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, answer, mask
 
 
-def losses_of(model, ids, answer, mask):
-    """(mean next-token loss over all real tokens, mean over answer tokens only)."""
+def losses_of(model, ids, answer, mask, answer_weight: float = 1.0):
+    """(training loss: next-token loss over real tokens with answer tokens weighted answer_weight,
+    mean loss over all real tokens, mean over answer tokens only)."""
     import torch
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     real, ans = mask[:, 1:].float(), answer[:, 1:].float()
-    return (nll * real).sum() / real.sum(), (nll * ans).sum() / ans.sum().clamp(min=1)
+    weight = real + (answer_weight - 1.0) * ans
+    return ((nll * weight).sum() / weight.sum(), (nll * real).sum() / real.sum(),
+            (nll * ans).sum() / ans.sum().clamp(min=1))
 
 
 class SequenceSampler:
@@ -158,16 +202,6 @@ def engine_generate(model_dir: str, **policy_kw) -> tuple[Generate, Callable[[],
 
 # ---- training ------------------------------------------------------------------------------------
 
-def _opt_config(m: TinyOPT, vocab: int):
-    from transformers import OPTConfig
-    return OPTConfig(
-        vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=m.num_layers, ffn_dim=m.ffn,
-        num_attention_heads=m.num_heads, max_position_embeddings=m.max_positions,
-        word_embed_proj_dim=m.hidden, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
-        eos_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
-        torch_dtype="float32")
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < cfg.warmup_steps:
@@ -196,7 +230,7 @@ def build_pools(cfg: TrainConfig, log=print) -> dict[str, list[Example]]:
 
 def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
     import torch
-    from transformers import AutoTokenizer, OPTForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .tiny import _CORPUS, train_tokenizer
 
@@ -213,13 +247,14 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
     corpus = _CORPUS.splitlines() + [
         training_text(t, corpus_rng.sample(pools[t], num_shots(t) + 1))[0] for t, _ in cfg.task_weights
         for _ in range(200)]
-    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, corpus=corpus)
+    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, bos=cfg.model.bos, corpus=corpus)
     tok = AutoTokenizer.from_pretrained(cfg.out_dir)
 
     log(f"3/4 training: {cfg.steps} steps x {cfg.batch_size} sequences, {cfg.threads} thread(s) ...")
-    model = OPTForCausalLM(_opt_config(cfg.model, vocab))
+    model = AutoModelForCausalLM.from_config(cfg.model.hf_config(vocab)).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"    OPT {cfg.model.num_layers} layers x {cfg.model.hidden} wide, vocab {vocab}: {n_params / 1e6:.2f} M params")
+    log(f"    {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden} wide, vocab {vocab}: "
+        f"{n_params / 1e6:.2f} M params")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -232,12 +267,12 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
         ids, answer, mask = make_batch([encode(tok, *sample()) for _ in range(cfg.batch_size)], tok.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss, answer_loss = losses_of(model, ids, answer, mask)
+        loss, plain_loss, answer_loss = losses_of(model, ids, answer, mask, cfg.answer_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(plain_loss.item())
         answer_losses.append(answer_loss.item())
         tokens += int(mask.sum())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -247,6 +282,8 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
                 f"answer loss {sum(recent_ans) / len(recent_ans):.3f}  "
                 f"lr {lr_at(cfg, step):.2e}  {tokens / el:,.0f} tok/s  {el:.0f} s elapsed, "
                 f"~{el / (step + 1) * (cfg.steps - step - 1):.0f} s left", flush=True)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            model.save_pretrained(cfg.out_dir, safe_serialization=True)
     model.eval()
     model.save_pretrained(cfg.out_dir, safe_serialization=True)
 
@@ -287,8 +324,9 @@ def _main(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("give --out DIR (where to write the checkpoint) or --held-out-text FILE")
     try:
+        weights = tuple((t, float(w)) for t, _, w in (item.partition("=") for item in args.task_weights.split(",")))
         cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, threads=args.threads)
+                          lr=args.lr, threads=args.threads, model=DemoModel(arch=args.arch), task_weights=weights)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     train(cfg, log=lambda *a, **k: print(*a, **{"flush": True, **k}))
@@ -300,11 +338,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train-demo", help="train the demo's small OPT on HELM's synthetic reasoning data",
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", help="checkpoint directory to write (HF layout)")
+    p.add_argument("--arch", choices=("llama", "opt"), default=d.model.arch)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (results depend on it)")
+    p.add_argument("--task-weights", default=",".join(f"{t}={w}" for t, w in d.task_weights),
+                   help=f"share of training sequences per task, TASK=W,... (tasks: {', '.join(TASKS)})")
     p.add_argument("--held-out-text", metavar="FILE",
                    help="instead of training, write held-out text for `flexgen-helm accuracy --text FILE`")
     p.add_argument("--held-out-sequences", type=int, default=8, help="prompts per task in --held-out-text")

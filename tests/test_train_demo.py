@@ -8,8 +8,7 @@ import pytest
 
 from flexgen_helm.demo_tasks import (HELM_SEED, Example, copy_last, eval_prompt, generate_examples, helm_split,
                                      held_out_inputs, num_shots, score, training_text)
-from flexgen_helm.tiny import TinyOPT
-from flexgen_helm.train_demo import TrainConfig, train
+from flexgen_helm.train_demo import DemoModel, TrainConfig, train
 
 
 def test_helm_seed_is_refused_and_eval_splits_are_removed():
@@ -41,24 +40,27 @@ def test_trivial_baselines_and_metric():
     assert score("srn_easy", "The dog is blue and big.", "The dog is blue.") == pytest.approx(2 / 3)
 
 
-def _tiny_cfg(out_dir: str) -> TrainConfig:
+def _tiny_cfg(out_dir: str, arch: str = "llama") -> TrainConfig:
     return TrainConfig(out_dir=out_dir, steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=4,
                        task_weights=(("srn_easy", 1.0),), seeds_per_task=1,
-                       model=TinyOPT(num_layers=1, hidden=32, num_heads=2, ffn=64, vocab_size=512))
+                       model=DemoModel(arch=arch, num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, ffn=64,
+                                       vocab_size=512))
 
 
-def test_a_few_steps_lower_the_loss_deterministically(tmp_path):
-    from transformers import AutoTokenizer, OPTForCausalLM
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_few_steps_lower_the_loss_deterministically(tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     logs: list[str] = []
-    res = train(_tiny_cfg(str(tmp_path / "a")), log=lambda *a, **k: logs.append(" ".join(map(str, a))),
+    res = train(_tiny_cfg(str(tmp_path / "a"), arch), log=lambda *a, **k: logs.append(" ".join(map(str, a))),
                 validate=False)
     first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
     assert last < first - 0.5, res.losses
     assert any("answer loss" in line for line in logs)  # progress is shown
     # the checkpoint is a standard HF one: it loads, and its vocabulary is the tokenizer's
-    model = OPTForCausalLM.from_pretrained(res.out_dir)
+    model = AutoModelForCausalLM.from_pretrained(res.out_dir)
+    assert model.config.model_type == arch
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(res.out_dir))
     with open(os.path.join(res.out_dir, "train_demo.json")) as f:
         assert HELM_SEED not in json.load(f)["train_seeds"]
-    again = train(_tiny_cfg(str(tmp_path / "b")), log=lambda *a, **k: None, validate=False)
+    again = train(_tiny_cfg(str(tmp_path / "b"), arch), log=lambda *a, **k: None, validate=False)
     assert again.losses == res.losses  # same seed, same threads: same run

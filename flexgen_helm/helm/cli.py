@@ -18,7 +18,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-batches", type=int)
     g.add_argument("--compress", action="store_true", help="4-bit group-wise weights and KV cache")
     g.add_argument("--device", help="cpu | cuda[:i] (default: cuda when visible)")
-    g.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA; on CPU bf16 with AVX512-BF16/AMX, else fp32)")
     g.add_argument("--offload-dir", help="directory for the disk tier")
     g.add_argument("--shared-host-weights", action="store_true",
                    help="keep the host-tier weights in one read-only file in --offload-dir, mapped by every "
@@ -93,8 +93,8 @@ def _prod_env(args: argparse.Namespace) -> int:
             raise ConfigError(f"--checkpoint takes NAME=DIR (e.g. opt-30b=/weights/opt-30b), got {item!r}")
         checkpoints[name] = path
     if args.tiny:
-        from ..tiny import default_model_dir
-        checkpoints.setdefault("tiny-opt", default_model_dir())
+        from ..tiny import DEMO_MODEL, demo_model_dir
+        checkpoints.setdefault(DEMO_MODEL, demo_model_dir())
     for path in write_prod_env(args.out, checkpoints, args.weights_root):
         print(path)
     return 0
@@ -134,5 +134,5 @@ def register(subparsers) -> None:
     q.add_argument("--checkpoint", action="append", metavar="NAME=DIR",
                    help="a checkpoint: opt-30b=/w/opt-30b repoints flexgen/opt-30b (any public size likewise); "
                         "other names add flexgen/NAME")
-    q.add_argument("--tiny", action="store_true", help="also add the embedded tiny model (flexgen/tiny-opt)")
+    q.add_argument("--tiny", action="store_true", help="also add the shipped demo model (flexgen/demo-model)")
     q.set_defaults(func=_prod_env)
