@@ -380,3 +380,24 @@ def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path,
         assert "torch-op path" in capsys.readouterr().err
     finally:
         kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantize_transposed_equals_dequantize_then_permute(bits):
+    """KV rows (n, 2, b, H, d) dequantized straight into a head-major (2, b, H, cap, d) buffer."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    torch.manual_seed(bits)
+    for d, gs in ((64, 64), (128, 64), (32, 64)):
+        n, b, heads, cap = 37, 3, 5, 48
+        cfg = CompressionConfig(num_bits=bits, group_size=gs, group_dim=-1)
+        rows = torch.randn(n, 2, b, heads, d)
+        packed, meta = C.quantize(rows, cfg)
+        for dt in (torch.float32, torch.bfloat16):
+            want = C.dequantize(packed, meta, rows.shape, cfg, dt).permute(1, 2, 3, 0, 4)
+            buf = torch.full((2, b + 2, heads, cap, d), float("nan"), dtype=dt)
+            out = buf[:, :b, :, :n]
+            assert C.dequantize_transposed(packed, meta, out, (3, 0, 1, 2), cfg)
+            assert torch.equal(out, want)
+            assert torch.isnan(buf[:, b:]).all() and torch.isnan(buf[:, :b, :, n:]).all()  # nothing else written

@@ -158,6 +158,11 @@ class CacheBlock:
         if self.cfg is None:
             rows = data.to(dst.device, non_blocking=True).view(self.dtype).view((n,) + self.shape[:3] + self.shape[4:])
         else:  # dequantized where attention runs: only compressed bytes cross the link
+            # speed: on the CPU, dequantize the position-major rows straight into the head-major
+            # buffer (one pass; no temporary, no transposing copy)
+            if (self._prefix_aligned() and dst.device.type == "cpu" and compression.dequantize_transposed(
+                    data, meta.view(compression.META_DTYPE), dst[:, :, :, :n], (3, 0, 1, 2), self.cfg)):
+                return
             rows = self._dequantize_rows(data, meta, n, dst.device)
         dst[:, :, :, :n].copy_(rows.permute(1, 2, 3, 0, 4), non_blocking=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -89,10 +90,11 @@ def _library():
         _warn(f"building the dequantization kernel with {cc} failed ({e}); using the torch-op path "
               "(same results, slower)")
         return None
-    fn = lib.fg_dequantize
+    fn = lib.fg_dequantize_strided
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    i64, i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, i64, i64, i64,
+                   ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, i64p, i64p]
     return fn
 
 
@@ -101,20 +103,35 @@ def available() -> bool:
 
 
 def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: int, block_bytes: int,
-                    group: int, symmetric: bool) -> bool:
-    """Fill out[:num_codes] (contiguous CPU fp32 or bf16, flat order of the codes) from `packed`
-    (uint8) and `meta` (fp16) with the C loop. False when it cannot (the caller falls back)."""
+                    group: int, symmetric: bool, rows_of: tuple[int, ...] | None = None) -> bool:
+    """Fill `out` (a CPU fp32 or bf16 tensor) from `packed` (uint8) and `meta` (fp16) with the C loop.
+    Without rows_of, `out` is contiguous and takes the codes in order. With rows_of, the codes are
+    vectors of out's last-axis length indexed by rows_of (an axis order of out: the codes' axis a is
+    out's axis rows_of[a]), e.g. position-major KV rows written straight into a head-major buffer.
+    False when it cannot (the caller falls back)."""
     import torch
     fn = _library()
     kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
     if fn is None or kind is None or out.device.type != "cpu" or not (
-            packed.is_contiguous() and meta.is_contiguous() and out.is_contiguous()) or meta.dtype != torch.float16:
+            packed.is_contiguous() and meta.is_contiguous()) or meta.dtype != torch.float16:
         return False
-    args = (packed.data_ptr(), meta.data_ptr(), out.data_ptr())
-    tail = (bits, block_codes, block_bytes, group, int(symmetric), kind)
+    if rows_of is None:
+        if not out.is_contiguous():
+            return False
+        vec, nd, dims, strides = 0, 0, None, None
+    else:
+        if out.stride(-1) != 1 or len(rows_of) != out.dim() - 1:
+            return False
+        vec, nd = out.shape[-1], len(rows_of)
+        dims = (ctypes.c_int64 * nd)(*(out.shape[a] for a in rows_of))
+        strides = (ctypes.c_int64 * nd)(*(out.stride(a) for a in rows_of))
+        if vec * math.prod(out.shape[a] for a in rows_of) != num_codes:
+            return False
+    head = (packed.data_ptr(), meta.data_ptr(), out.data_ptr())
+    tail = (bits, block_codes, block_bytes, group, int(symmetric), kind, vec, nd, dims, strides)
     threads = max(1, torch.get_num_threads())
     if num_codes < _MIN_PARALLEL or threads == 1:
-        return fn(*args, 0, num_codes, *tail) == 0
+        return fn(*head, 0, num_codes, *tail) == 0
     # split at block boundaries; each piece runs in a pool thread (ctypes drops the GIL)
     per = -(-num_codes // threads // block_codes) * block_codes
     bounds = [(b, min(b + per, num_codes)) for b in range(0, num_codes, per)]
@@ -123,4 +140,4 @@ def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: i
         if _pool is None or _pool._max_workers < len(bounds):
             _pool = ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="fg-dequant")
         pool = _pool
-    return all(r == 0 for r in pool.map(lambda be: fn(*args, be[0], be[1], *tail), bounds))
+    return all(r == 0 for r in pool.map(lambda be: fn(*head, be[0], be[1], *tail), bounds))

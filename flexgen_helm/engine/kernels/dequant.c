@@ -57,13 +57,29 @@ static void run_bf16(const uint8_t *src, int64_t n, int shift, uint32_t mask, in
     RUN_BODY(out[j] = float_to_bf16(v))
 }
 
+/* Where code c goes: c itself (ndims == 0), or for codes that form vectors of vec_len values (the
+ * innermost axis, contiguous in the output) indexed row-major by dims[0..ndims), the sum of index
+ * times stride per axis plus the position in the vector: a dequantization that also transposes. */
+static inline int64_t dest_of(int64_t c, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
+    if (ndims == 0) return c;
+    int64_t v = c / vec_len, off = c - v * vec_len;
+    for (int a = ndims - 1; a >= 0; a--) {
+        int64_t i = v % dims[a];
+        v /= dims[a];
+        off += i * strides[a];
+    }
+    return off;
+}
+
 /* Dequantize codes [c_begin, c_end) (c_begin a multiple of block_codes) of a tensor whose packed
- * bytes start at `packed` and meta at `meta`. out_kind: 0 = fp32, 1 = bf16. Returns 0, or -1 on
- * arguments this loop does not handle (the caller then uses the torch-op path). */
-int fg_dequantize(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
-                  int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
-                  int out_kind) {
-    if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || c_begin % block_codes || group < 1)
+ * bytes start at `packed` and meta at `meta`. out_kind: 0 = fp32, 1 = bf16. ndims > 0: strided
+ * output as in dest_of (vec_len a multiple of group). Returns 0, or -1 on arguments this loop does
+ * not handle (the caller then uses the torch-op path). */
+int fg_dequantize_strided(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
+                          int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                          int out_kind, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
+    if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || c_begin % block_codes || group < 1
+            || (ndims > 0 && (vec_len < group || vec_len % group)))
         return -1;
     const uint32_t mask = (1u << bits) - 1u;
     const int per_word = 8 / bits;
@@ -76,20 +92,28 @@ int fg_dequantize(const uint8_t *packed, const uint16_t *meta, void *out, int64_
             int64_t len = block_bytes;
             if (c0 >= c_end) break;
             if (c0 + len > c_end) len = c_end - c0;
-            for (int64_t j = 0; j < len;) {  /* split the run at group boundaries */
+            for (int64_t j = 0; j < len;) {  /* split the run at group boundaries (inside one vector) */
                 int64_t c = c0 + j, r = c / group;
                 int64_t n = (r + 1) * group - c;
                 if (n > len - j) n = len - j;
                 const uint16_t *m = meta + r * stride;
                 float lo = symmetric ? 0.0f : half_to_float(m[0]);
                 float step = half_to_float(symmetric ? m[0] : m[1]);
+                int64_t d = dest_of(c, vec_len, ndims, dims, strides);
                 if (out_kind == 0)
-                    run_f32(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (float *)out + c);
+                    run_f32(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (float *)out + d);
                 else
-                    run_bf16(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (uint16_t *)out + c);
+                    run_bf16(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (uint16_t *)out + d);
                 j += n;
             }
         }
     }
     return 0;
+}
+
+int fg_dequantize(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
+                  int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                  int out_kind) {
+    return fg_dequantize_strided(packed, meta, out, c_begin, c_end, bits, block_codes, block_bytes, group,
+                                 symmetric, out_kind, 0, 0, 0, 0);
 }
