@@ -124,7 +124,8 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
 
 
 def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offload_dir: str, repeat: int,
-                 quiet: float = 1.0, max_wait: float = 0.0, log=print) -> list[dict | ConfigError]:
+                 quiet: float = 1.0, max_wait: float = 0.0, log=print,
+                 dtype: str = "bfloat16") -> list[dict | ConfigError]:
     """Time each policy `repeat` times, round-robin: all engines are built first, then every round
     runs each policy once. On a shared machine the disk and the cores slow down for a minute at a
     time; round-robin spreads each policy's runs over the whole measurement, so a slow minute costs
@@ -140,7 +141,7 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
             t0 = time.perf_counter()
             try:
                 eng = stack.enter_context(Engine.from_pretrained(
-                    w.model, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=offload_dir,
+                    w.model, policy=pol, device="cpu", dtype=getattr(torch, dtype), offload_dir=offload_dir,
                     budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len))
             except ConfigError as e:  # reported, not fatal: the table shows what could not run
                 engines.append(e)
@@ -174,7 +175,7 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
 
 def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir: str, repeat: int = 2,
              n_alt: int = 5, quiet: float = 1.0, max_wait: float = 0.0, refresh: str = "full",
-             log=print) -> list[dict]:
+             log=print, dtype: str = "bfloat16") -> list[dict]:
     import torch
     out = []
     for w in workloads:
@@ -184,12 +185,13 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         if refresh != "none" and max_wait > 0:
             wait_quiet(quiet, max_wait)
         if refresh == "full" or hw is None:
-            hw = measure_profile("cpu", "bfloat16", offload_dir=offload_dir, budget_s=12, widths=(),
+            hw = measure_profile("cpu", dtype, offload_dir=offload_dir, budget_s=12, widths=(),
                                  specs=(spec,))
         elif refresh == "io":
             hw = refresh_io(hw, offload_dir)
         hw = with_widths(hw, spec)
-        res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw, dtype_bytes=2,
+        res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw,
+                     dtype_bytes=getattr(torch, dtype).itemsize,
                      num_prompts=w.num_prompts)
         alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt)
         g = torch.Generator().manual_seed(0)
@@ -198,7 +200,7 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         rows = []
         picks = [("chosen", res.best)] + [("alternative", a) for a in alts]
         measured = run_policies(w, [c.estimate.policy for _, c in picks], prompts, offload_dir, repeat, quiet,
-                                max_wait, log)
+                                max_wait, log, dtype=dtype)
         for (role, c), m in zip(picks, measured):
             pol = c.estimate.policy
             if isinstance(m, ConfigError):
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per policy; the best counts (2)")
     ap.add_argument("--offload-dir", default=None, help="disk tier directory (default: a temp dir)")
     ap.add_argument("--only", default=None, help="comma-separated workload names to run")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the engine's for this CPU, "
+                    "engine.config.default_dtype)")
     ap.add_argument("--max-wait", type=float, default=0.0,
                     help="before each timed run (and the profile), wait up to this many seconds for other "
                          "processes to use less than --quiet of the CPUs (shared machines)")
@@ -252,17 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    from ..engine.config import default_dtype
+    dtype = args.dtype or default_dtype("cpu")
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="flexgen-validate-", dir=args.offload_dir) as tmp:
         # without --profile, each workload gets a profile measured right before it (see validate)
         hw = HardwareProfile.from_json(args.profile) if args.profile else None
         refresh = args.refresh if args.profile else "full"
         results = validate(workloads, hw, tmp, repeat=args.repeat, quiet=args.quiet, max_wait=args.max_wait,
-                           refresh=refresh)
+                           refresh=refresh, dtype=dtype)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "results": results}, f, indent=2, default=str)
+            json.dump({"threads": args.threads, "dtype": dtype, "results": results}, f, indent=2, default=str)
     return 0
 
 
