@@ -42,10 +42,11 @@ class Workload:
     gpu: str
     cpu: str
     disk: str
+    scale: float = 1.0  # budgets are sized for 2-byte weights; fp32 runs scale them by 2
 
     @property
     def budget(self) -> MemoryBudget:
-        return MemoryBudget(parse_bytes(self.gpu), parse_bytes(self.cpu), parse_bytes(self.disk))
+        return MemoryBudget(*(int(parse_bytes(b) * self.scale) for b in (self.gpu, self.cpu, self.disk)))
 
 
 # Small enough for a few minutes on two cores; the budgets push weights and/or cache to host and disk.
@@ -256,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
     from ..engine.config import default_dtype
     dtype = args.dtype or default_dtype("cpu")
-    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
+    workloads = [replace(w, scale=getattr(torch, dtype).itemsize / 2) for w in workloads]
     with tempfile.TemporaryDirectory(prefix="flexgen-validate-", dir=args.offload_dir) as tmp:
         # without --profile, each workload gets a profile measured right before it (see validate)
         hw = HardwareProfile.from_json(args.profile) if args.profile else None
