@@ -66,7 +66,7 @@ def _fits(mem: dict[str, int], budget: MemoryBudget) -> bool:
 
 
 def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: HardwareProfile, w: Workload,
-                      n: int = 5, tie: float = 1.10) -> list[Candidate]:
+                      n: int = 5, tie: float = 1.10, dtype_bytes: int = 2) -> list[Candidate]:
     """n feasible policies other than the chosen one, spread over the search's ranking."""
     def key(p: Policy) -> tuple:
         return (p.gpu_batch_size, p.num_gpu_batches, p.cpu_cache_compute, round(p.w_gpu_percent / 10),
@@ -79,7 +79,7 @@ def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: Hardw
         if k in seen or c.per_token_s < chosen.per_token_s * tie:
             continue
         # candidates were screened with the LP's linear memory mirror: confirm with the engine's plan
-        exact = estimate(spec, c.estimate.policy, hw, w.prompt_len, w.gen_len, 2)
+        exact = estimate(spec, c.estimate.policy, hw, w.prompt_len, w.gen_len, dtype_bytes)
         if not _fits(exact.memory, w.budget):
             continue
         seen.add(k)
@@ -89,10 +89,10 @@ def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: Hardw
     hand = replace(p0, w_gpu_percent=0.0, w_cpu_percent=100.0, cache_gpu_percent=0.0, cache_cpu_percent=100.0,
                    cpu_cache_compute=True)
     picks: list[Candidate] = []
-    e = estimate(spec, hand, hw, w.prompt_len, w.gen_len, 2)
+    e = estimate(spec, hand, hw, w.prompt_len, w.gen_len, dtype_bytes)
     if _fits(e.memory, w.budget) and key(hand) not in seen and \
-            workload_time(e, spec, hw, w.num_prompts, 2) >= chosen.total_s * tie:
-        t = workload_time(e, spec, hw, w.num_prompts, 2)
+            workload_time(e, spec, hw, w.num_prompts, dtype_bytes) >= chosen.total_s * tie:
+        t = workload_time(e, spec, hw, w.num_prompts, dtype_bytes)
         picks.append(Candidate(e, t, t / (w.num_prompts * w.gen_len)))
     need = n - len(picks)
     if pool and need > 0:
@@ -194,7 +194,8 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw,
                      dtype_bytes=getattr(torch, dtype).itemsize,
                      num_prompts=w.num_prompts)
-        alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt)
+        alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt,
+                                 dtype_bytes=getattr(torch, dtype).itemsize)
         g = torch.Generator().manual_seed(0)
         prompts = [[2] + torch.randint(4, spec.vocab_size, (w.prompt_len - 1,), generator=g).tolist()
                    for _ in range(w.num_prompts)]
