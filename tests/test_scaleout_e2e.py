@@ -116,8 +116,10 @@ def test_slurm_three_shards_equal_unsharded_and_a_killed_shard_resumes(reference
 def test_ctrl_c_cancels_every_job(tiny_opt, tmp_path):
     env = env_for(str(tmp_path / "cancel"), tiny_opt)
     state = os.path.join(env["root"], "fake_slurm_state")
+    # the jobs are held (running, never finishing) so that Ctrl-C always finds them in flight
+    hold = slurm_env(env, FAKE_SLURM_HOLD=str(tmp_path / "never"))
     proc = subprocess.Popen(run_args(env, "--slurm", "--shards", "3", "--poll", "0.5"), cwd=env["root"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env(env))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hold)
     deadline = time.time() + 120
     while time.time() < deadline and len(glob.glob(os.path.join(state, "*.pid"))) < 3:
         time.sleep(0.2)
