@@ -179,11 +179,8 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     w = torch.randn(4 * h, h, dtype=eng.dtype)
     fused = any(s.kind == "int4pack" for lay in store.layouts for s in lay.slots)
     if fused:  # 4-bit weights multiplied by the fused CPU kernel: its rate counts too
-        from .engine import compression
-        wcfg = pol.comp_weight_config
-        w4buf = torch.empty(compression.int4pack_nbytes(tuple(w.shape), wcfg, w.element_size()), dtype=torch.uint8)
-        compression.to_int4pack(w, wcfg, eng.dtype, w4buf)
-        w4 = compression.Int4Weight(w4buf, tuple(w.shape), wcfg, eng.dtype)
+        from .engine.compression import Int4Weight
+        w4 = Int4Weight.from_dense(w, pol.comp_weight_config, eng.dtype)
 
     def mm_rate(rows: int, fn) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
         a = torch.randn(rows, h, dtype=eng.dtype)

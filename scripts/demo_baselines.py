@@ -14,7 +14,7 @@ import glob
 import json
 import os
 
-from flexgen_helm.demo_tasks import TASKS, Example, copy_last, helm_split, most_frequent_answer, score
+from flexgen_helm.demo_tasks import TASKS, Example, baselines, helm_split
 
 
 def main() -> None:
@@ -28,10 +28,9 @@ def main() -> None:
             with open(os.path.join(run, "instances.json")) as f:
                 test = [Example(i["input"]["text"], i["references"][0]["output"]["text"])
                         for i in json.load(f) if i["split"] == "test"]
-            frequent = most_frequent_answer(list(helm_split(task.name, "train")))
+            base = baselines(task.name, list(helm_split(task.name, "train")), test)
             rows.append({"sub_scenario": task.run_spec, "metric": task.metric, "n": len(test),
-                         "most_frequent_answer": sum(score(task.name, e.output, frequent) for e in test) / len(test),
-                         "copy_last_rule": sum(score(task.name, e.output, copy_last(task.name, e)) for e in test) / len(test)})
+                         "most_frequent_answer": base["most_frequent"], "copy_last_rule": base["copy_last"]})
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

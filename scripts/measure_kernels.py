@@ -45,11 +45,7 @@ def main() -> None:
     cfg = CompressionConfig()
     ws = [torch.randn(n, k) for _ in range(3)]
     dense = {dt: [w.to(dt) for w in ws] for dt in (torch.bfloat16, torch.float32)}
-    int4 = []
-    for w in ws:
-        buf = torch.empty(C.int4pack_nbytes((n, k), cfg, 2), dtype=torch.uint8)
-        C.to_int4pack(w, cfg, torch.bfloat16, buf)
-        int4.append(C.Int4Weight(buf, (n, k), cfg, torch.bfloat16))
+    int4 = [C.Int4Weight.from_dense(w, cfg, torch.bfloat16) for w in ws]
     rows_out = []
     for rows in (1, 4, 16, 64, 256):
         flops = 2 * rows * n * k

@@ -413,6 +413,14 @@ class Int4Weight:
         sz_bytes = (k // self.group_size) * n * 2 * dtype.itemsize
         self.sz = buf[n * k // 2:n * k // 2 + sz_bytes].view(dtype).view(k // self.group_size, n, 2)
 
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype) -> "Int4Weight":
+        """Quantize and pack an (out, in) weight into a buffer of its own (probes and benchmarks; the
+        engine packs into its tier buffers with `to_int4pack`)."""
+        buf = torch.empty(int4pack_nbytes(tuple(w.shape), cfg, dtype.itemsize), dtype=torch.uint8)
+        to_int4pack(w, cfg, dtype, buf)
+        return cls(buf, tuple(w.shape), cfg, dtype)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> x @ w.T (..., out), in x's dtype (the scales' dtype)."""
         x2 = x.reshape(-1, self.in_features)

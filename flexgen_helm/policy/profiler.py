@@ -396,20 +396,14 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     int4_curve: list[tuple[int, float]] = []
     if not on_cuda and esize == 2:  # the engine's CPU layout for 4-bit weights (placement.layer_layout)
         wcfg = CompressionConfig()
-        nb = compression.int4pack_nbytes((4 * h, h), wcfg, esize)
-        q = []
-        for w1, w2 in pairs:
-            bufs = (torch.empty(nb, dtype=torch.uint8), torch.empty(nb, dtype=torch.uint8))
-            compression.to_int4pack(w1, wcfg, tdtype, bufs[0])
-            compression.to_int4pack(w2.t().contiguous(), wcfg, tdtype, bufs[1])
-            q.append((compression.Int4Weight(bufs[0], (4 * h, h), wcfg, tdtype),
-                      compression.Int4Weight(bufs[1], (h, 4 * h), wcfg, tdtype), bufs))
+        q = [(compression.Int4Weight.from_dense(w1, wcfg, tdtype), compression.Int4Weight.from_dense(w2, wcfg, tdtype))
+             for w1, w2 in pairs]
         for rows in (1, 4, 16, 64, 256, 1024):
             x = torch.randn(rows, h).to(tdtype)
             it = [0]
 
             def mlp4() -> None:
-                a, b, _ = q[it[0] % len(q)]
+                a, b = q[it[0] % len(q)]
                 it[0] += 1
                 b.matmul(a.matmul(x))
             int4_curve.append((rows, 2 * rows * 8 * h * h / _timeit(mlp4, sync, per / 2)))
