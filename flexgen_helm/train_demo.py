@@ -325,8 +325,11 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError("give --out DIR (where to write the checkpoint) or --held-out-text FILE")
     try:
         weights = tuple((t, float(w)) for t, _, w in (item.partition("=") for item in args.task_weights.split(",")))
+        shape = DemoModel(arch=args.arch, num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
+                          num_kv_heads=args.kv_heads, ffn=args.ffn)
         cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, threads=args.threads, model=DemoModel(arch=args.arch), task_weights=weights)
+                          lr=args.lr, threads=args.threads, model=shape, task_weights=weights,
+                          seeds_per_task=args.seeds_per_task)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     train(cfg, log=lambda *a, **k: print(*a, **{"flush": True, **k}))
@@ -339,7 +342,14 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", help="checkpoint directory to write (HF layout)")
     p.add_argument("--arch", choices=("llama", "opt"), default=d.model.arch)
+    p.add_argument("--layers", type=int, default=d.model.num_layers)
+    p.add_argument("--hidden", type=int, default=d.model.hidden)
+    p.add_argument("--heads", type=int, default=d.model.num_heads)
+    p.add_argument("--kv-heads", type=int, default=d.model.num_kv_heads, help="key/value heads (llama)")
+    p.add_argument("--ffn", type=int, default=d.model.ffn)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds-per-task", type=int, default=d.seeds_per_task,
+                   help="HELM generator seeds in the training pool (about 11,000 instances each)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

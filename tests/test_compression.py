@@ -351,6 +351,37 @@ def test_compiled_dequantization_is_bit_equal_to_the_torch_ops(monkeypatch, bits
                                slow.view(torch.int16 if dt == torch.bfloat16 else torch.int32)), (shape, gd, dt)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_quantization_is_bit_equal_to_the_torch_ops(monkeypatch, bits, symmetric):
+    """The C quantizer writes the torch-op path's bytes (codes and fp16 meta): values over 12 decades,
+    beyond fp16's range, fp16 subnormals, ties, constant and all-zero groups; fp32, bf16 and fp16
+    inputs; tensors of several blocks split over threads, and a last block that is partly padding."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("no C compiler here: only the torch-op path exists")
+    torch.manual_seed(bits + 10 * symmetric)
+    cases = [((48, 192), 64), ((3, 5, 2, 2, 64), 64), ((16, 128), 32), ((4096, 256), 128), ((7, 40), 8),
+             ((6, 24), 24)]
+    for shape, gs in cases:
+        cfg = CompressionConfig(num_bits=bits, group_size=gs, group_dim=-1, symmetric=symmetric)
+        x = torch.randn(shape) * torch.logspace(-8, 5, shape[-1])
+        flat = x.view(-1, gs)
+        flat[0] = 3.0                                        # a constant group
+        flat[1] = 0.0                                        # all zeros
+        flat[2] = torch.arange(gs) * 0.5                     # exact ties on the grid
+        flat[3] = torch.randn(gs) * 1e-6                     # fp16 subnormal steps
+        flat[-1, 0] = 1e6                                    # beyond fp16: meta saturates
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            xd = x.to(dt)
+            if dt == torch.float16:
+                xd = x.clamp(-6e4, 6e4).to(dt)
+            fast = C.quantize(xd, cfg)
+            slow = _without_kernels(monkeypatch, lambda: C.quantize(xd, cfg))
+            assert torch.equal(fast[0], slow[0]), (shape, gs, dt, "codes")
+            assert torch.equal(fast[1].view(torch.int16), slow[1].view(torch.int16)), (shape, gs, dt, "meta")
+
+
 def test_compiled_dequantization_reads_every_fp16_meta_value(monkeypatch):
     """Every finite fp16 step (subnormals included) converts like torch's half -> float."""
     from flexgen_helm.engine import kernels

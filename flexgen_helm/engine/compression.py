@@ -37,7 +37,8 @@ in allocation and page faults than the arithmetic itself (dequantization went fr
 value). On CUDA one chunk covers the tensor (the caching allocator makes temporaries cheap and
 fewer, larger kernels are faster). Where a C compiler is available, CPU dequantization with groups
 along the last axis (weights grouped along in_features, the KV cache) runs as one compiled loop
-instead (engine/kernels: bit-equal, several times faster), else on the torch-op path.
+instead (engine/kernels: bit-equal, several times faster), and so does quantization with groups along
+the last axis and no padding (a new token's KV row), else both run on the torch-op path.
 """
 from __future__ import annotations
 
@@ -165,12 +166,17 @@ def quantize(x: torch.Tensor, cfg: CompressionConfig) -> tuple[torch.Tensor, tor
     rows, row_codes = outer * ng, g * inner
     if rows * row_codes == 0:
         return packed, meta
+    block, block_bytes = _BLOCK[bits][:2]
+    # speed: one compiled pass where it applies (CPU, groups along the last axis, no padding): a new
+    # token's K/V row is otherwise ~20 small torch kernels per (layer, micro-batch)
+    if (dev.type == "cpu" and inner == 1 and ng * g == n and x.is_contiguous()
+            and kernels.quantize_into(x.detach(), packed, meta, bits, block, block_bytes, g, cfg.symmetric)):
+        return packed, meta
     src = x.detach().reshape(outer, n, inner)
     if ng * g != n:  # replicate the last element: the pad never changes a group's min/max
         src = torch.cat([src, src[:, -1:, :].expand(outer, ng * g - n, inner)], 1)
     src = src.reshape(rows, g, inner)
     meta2 = meta.view(rows, inner, -1)
-    block, block_bytes = _BLOCK[bits][:2]
     per = _chunk_rows(rows, row_codes, bits, dev)
     tmp = torch.empty(per, g, inner, device=dev)
     codes = torch.empty(-(-per * row_codes // block) * block, dtype=torch.uint8, device=dev)

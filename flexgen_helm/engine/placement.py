@@ -123,11 +123,11 @@ def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, voc
 def step_workspace_nbytes(spec: ModelSpec, policy: Policy, micro_batches: int, prompt_len: int, dtype_bytes: int,
                           prompt_logprobs: bool) -> int:
     """Compute-tier scratch of the larger phase: a prefill micro-batch, or (block-wide matmuls) one
-    decode step's rows of every micro-batch at once."""
+    decode step's rows of every micro-batch at once, LM head logits included."""
     rows = policy.gpu_batch_size
     ws = workspace_nbytes(spec, rows, prompt_len, dtype_bytes, rows * (prompt_len if prompt_logprobs else 1))
     if policy.block_matmul and micro_batches > 1:
-        ws = max(ws, workspace_nbytes(spec, rows * micro_batches, 1, dtype_bytes, rows))
+        ws = max(ws, workspace_nbytes(spec, rows * micro_batches, 1, dtype_bytes, rows * micro_batches))
     return ws
 
 

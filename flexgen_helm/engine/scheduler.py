@@ -175,10 +175,15 @@ class BlockRun:
         if self.overlap and not last:
             self.pending_layer = self.store.submit((j + 1) % nl)  # next layer streams in while this one runs
         w = layer.weights
-        if 1 <= j <= self.spec.num_layers and step > 0 and self.policy.block_matmul and len(active) > 1:
-            self._decoder_block(j - 1, step, active, w, pipe)
-            self.store.release(layer.slot)
-            return
+        if self.policy.block_matmul and len(active) > 1:
+            if 1 <= j <= self.spec.num_layers and step > 0:
+                self._decoder_block(j - 1, step, active, w, pipe)
+                self.store.release(layer.slot)
+                return
+            if j == nl - 1 and not (step == 0 and self.want_prompt_logprobs):
+                self._head_block(step, active, w)
+                self.store.release(layer.slot)
+                return
         for k in active:
             if j == 0:
                 self._embed(k, step, w)
@@ -238,6 +243,19 @@ class BlockRun:
             b, t, _ = x.shape
             self.hidden[k] = _to_home(y[r0:r0 + b * t].view(b, t, spec.hidden), self.engine.act_home)
             r0 += b * t
+
+    def _head_block(self, step: int, active: list[int], w) -> None:
+        """The LM head once over every active micro-batch's last position (speed: one matmul of
+        block rows against the vocab-sized weight instead of one per micro-batch), then each
+        micro-batch samples its own rows with its own generators."""
+        t0 = time.perf_counter()
+        xs = [_from_home(self.hidden[k], self.engine.act_home, self.dev)[:, -1] for k in active]
+        logits = layers.lm_head(w, self.spec, torch.cat(xs)[:, None])[:, 0]
+        r0 = 0
+        for k, x in zip(active, xs):
+            _sample(self.mbs[k], logits[r0:r0 + x.shape[0]], step, self.max_new, self.params, self.gens.get(k))
+            r0 += x.shape[0]
+        self.timing.head += time.perf_counter() - t0
 
     def _attend_for(self, l: int, k: int, step: int, pipe: _PrefixPipeline):
         """The attention callback of (layer l, micro-batch k) at this step; in decode it first waits
@@ -345,6 +363,11 @@ def _head(engine, w, mb: MicroBatch, x: torch.Tensor, step: int, max_new: int, p
         last = logits[:, -1]
     else:
         last = layers.lm_head(w, spec, x[:, -1:])[:, 0]
+    _sample(mb, last, step, max_new, params, gens)
+
+
+def _sample(mb: MicroBatch, last: torch.Tensor, step: int, max_new: int, params: SamplingParams, gens) -> None:
+    """Choose each row's next token from its last-position logits (b, vocab) and record it."""
     if max_new == 0:
         mb.done = True
         return

@@ -355,13 +355,15 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         return {"compute": c, "busy": busy, "copy": copy, "h2d": h2d_b, "rd": rd_b, "wr": wr_b}
 
     def head_compute(prefill: bool) -> Lin:
-        flops = spec.head_flops(b)  # last position only
-        rate = hw.head_rate(b, spec)  # measured head + greedy sampling when the profile has it
+        # block-wide: one head matmul over every micro-batch's last position (scheduler._head_block)
+        rows = b * K if block_matmul and K > 1 else b
+        flops = spec.head_flops(rows)  # last position only
+        rate = hw.head_rate(rows, spec)  # measured head + greedy sampling when the profile has it
         if rate:
             t_head = flops / rate
         else:  # sampling reads the fp32 logits a few times (softmax, top-k/argmax)
-            t_head = ov * 0.5 + mm(b, flops, False) + 4 * b * V * 4 * dev_copy
-        return const(K * (t_head + hw.sched_overhead_s)) + act_move(1) * K
+            t_head = ov * 0.5 + mm(rows, flops, False) + 4 * rows * V * 4 * dev_copy
+        return const(K * (t_head * b / rows + hw.sched_overhead_s)) + act_move(1) * K  # per micro-batch share
 
     def emb_compute(prefill: bool) -> Lin:
         t = s if prefill else 1

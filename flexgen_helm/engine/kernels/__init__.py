@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
-_SRC = os.path.join(os.path.dirname(__file__), "dequant.c")
+_SRC = os.path.join(os.path.dirname(__file__), "groupquant.c")
 # -ffp-contract=off: no fused multiply-add, so results equal the torch-op path bit for bit.
 # -march=native is why the cache key includes the CPU flags: a shared home dir may serve other CPUs.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
@@ -56,15 +56,15 @@ def _build(cc: str) -> str:
     key = hashlib.sha256(src + cc.encode() + " ".join(_FLAGS).encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     out_dir = _cache_dir()
-    path = os.path.join(out_dir, f"dequant-{key}.so")
+    path = os.path.join(out_dir, f"groupquant-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
     # build beside the target and rename: concurrent processes never load a half-written file
-    fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".groupquant-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip()[-500:] or f"{cc} exited {proc.returncode}")
         os.replace(tmp, path)
@@ -81,21 +81,21 @@ def _library():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        _warn("no C compiler (cc/gcc/clang) found: 4-bit dequantization uses the torch-op path "
+        _warn("no C compiler (cc/gcc/clang) found: 4-bit (de)quantization uses the torch-op path "
               "(same results, ~4x slower on the CPU); install gcc to speed it up")
         return None
     try:
         lib = ctypes.CDLL(_build(cc))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-        _warn(f"building the dequantization kernel with {cc} failed ({e}); using the torch-op path "
+        _warn(f"building the quantization kernels with {cc} failed ({e}); using the torch-op path "
               "(same results, slower)")
         return None
-    fn = lib.fg_dequantize_strided
-    fn.restype = ctypes.c_int
-    i64, i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, i64, i64, i64,
-                   ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, i64p, i64p]
-    return fn
+    i64, i64p, ptr, c_int = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_int
+    lib.fg_dequantize_strided.restype = lib.fg_quantize.restype = c_int
+    lib.fg_dequantize_strided.argtypes = [ptr, ptr, ptr, i64, i64, c_int, i64, i64, i64, c_int, c_int, i64, c_int,
+                                          i64p, i64p]
+    lib.fg_quantize.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, i64, i64, i64, c_int]
+    return lib
 
 
 def available() -> bool:
@@ -110,9 +110,9 @@ def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: i
     out's axis rows_of[a]), e.g. position-major KV rows written straight into a head-major buffer.
     False when it cannot (the caller falls back)."""
     import torch
-    fn = _library()
+    lib = _library()
     kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
-    if fn is None or kind is None or out.device.type != "cpu" or not (
+    if lib is None or kind is None or out.device.type != "cpu" or not (
             packed.is_contiguous() and meta.is_contiguous()) or meta.dtype != torch.float16:
         return False
     if rows_of is None:
@@ -129,15 +129,38 @@ def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: i
             return False
     head = (packed.data_ptr(), meta.data_ptr(), out.data_ptr())
     tail = (bits, block_codes, block_bytes, group, int(symmetric), kind, vec, nd, dims, strides)
+    return _split(lambda b, e: lib.fg_dequantize_strided(*head, b, e, *tail), num_codes, block_codes)
+
+
+def quantize_into(x, packed, meta, bits: int, block_codes: int, block_bytes: int, group: int,
+                  symmetric: bool) -> bool:
+    """Quantize `x` (a contiguous CPU fp32/bf16/fp16 tensor whose numel is a whole number of groups,
+    groups along its last axis) into `packed` (uint8) and `meta` (fp16) with the C loop: the same
+    bytes as compression.quantize's torch-op path. False when it cannot (the caller falls back)."""
+    import torch
+    lib = _library()
+    kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(x.dtype)
+    if lib is None or kind is None or x.device.type != "cpu" or not (
+            x.is_contiguous() and packed.is_contiguous() and meta.is_contiguous()) or x.numel() % group:
+        return False
+    head = (x.data_ptr(), kind, packed.data_ptr(), meta.data_ptr())
+    tail = (bits, block_codes, block_bytes, group, int(symmetric))
+    # pieces start where a block and a group both start
+    return _split(lambda b, e: lib.fg_quantize(*head, b, e, *tail), x.numel(), math.lcm(block_codes, group))
+
+
+def _split(call, num_codes: int, unit: int) -> bool:
+    """call(begin, end) over [0, num_codes), in one piece per thread (cut at multiples of `unit`) when
+    the work is big enough: each piece runs in a pool thread (ctypes drops the GIL)."""
+    import torch
     threads = max(1, torch.get_num_threads())
     if num_codes < _MIN_PARALLEL or threads == 1:
-        return fn(*head, 0, num_codes, *tail) == 0
-    # split at block boundaries; each piece runs in a pool thread (ctypes drops the GIL)
-    per = -(-num_codes // threads // block_codes) * block_codes
+        return call(0, num_codes) == 0
+    per = -(-num_codes // threads // unit) * unit
     bounds = [(b, min(b + per, num_codes)) for b in range(0, num_codes, per)]
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < len(bounds):
-            _pool = ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="fg-dequant")
+            _pool = ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="fg-quant")
         pool = _pool
-    return all(r == 0 for r in pool.map(lambda be: fn(*head, be[0], be[1], *tail), bounds))
+    return all(r == 0 for r in pool.map(lambda be: call(*be), bounds))

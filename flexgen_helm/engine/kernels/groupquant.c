@@ -1,0 +1,276 @@
+/* Group-wise (de)quantization of engine/compression.py's packed format in one pass over memory.
+ *
+ * The torch-op path runs unpack, convert, scale and offset as separate kernels over chunks (~1.3 ns
+ * per value on an AVX2 core); this loop reads each code byte once and writes the output once.
+ * Bit-equal to that path: fp32 math, the multiply and the add rounded separately (built with
+ * -ffp-contract=off, so no FMA), then one round-to-nearest-even conversion to bf16 when asked.
+ *
+ * Format (see compression.py): codes in (row, in-group) order, cut into blocks of `block_codes`
+ * codes held in `block_bytes` bytes; byte j of a block holds codes j, j + W, j + 2W, ... (W =
+ * block_bytes) at shifts 0, bits, 2 bits, ... Groups are `group` consecutive codes (inner == 1);
+ * meta is fp16 per group: (lo, step), or (step) when symmetric (code offset by 2^(bits-1) - 1).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even; values are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One run of `n` codes taken from `src` at `shift`, all in one group, to out[0..n). */
+#define RUN_BODY(STORE)                                                         \
+    for (int64_t j = 0; j < n; j++) {                                           \
+        float v = (float)(((uint32_t)src[j] >> shift) & mask);                  \
+        if (sym) { v = v - offset; v = v * step; } else { v = v * step; v = v + lo; } \
+        STORE;                                                                  \
+    }
+
+static void run_f32(const uint8_t *src, int64_t n, int shift, uint32_t mask, int sym, float offset,
+                    float lo, float step, float *out) {
+    RUN_BODY(out[j] = v)
+}
+
+static void run_bf16(const uint8_t *src, int64_t n, int shift, uint32_t mask, int sym, float offset,
+                     float lo, float step, uint16_t *out) {
+    RUN_BODY(out[j] = float_to_bf16(v))
+}
+
+/* Where code c goes: c itself (ndims == 0), or for codes that form vectors of vec_len values (the
+ * innermost axis, contiguous in the output) indexed row-major by dims[0..ndims), the sum of index
+ * times stride per axis plus the position in the vector: a dequantization that also transposes. */
+static inline int64_t dest_of(int64_t c, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
+    if (ndims == 0) return c;
+    int64_t v = c / vec_len, off = c - v * vec_len;
+    for (int a = ndims - 1; a >= 0; a--) {
+        int64_t i = v % dims[a];
+        v /= dims[a];
+        off += i * strides[a];
+    }
+    return off;
+}
+
+/* Dequantize codes [c_begin, c_end) (c_begin a multiple of block_codes) of a tensor whose packed
+ * bytes start at `packed` and meta at `meta`. out_kind: 0 = fp32, 1 = bf16. ndims > 0: strided
+ * output as in dest_of (vec_len a multiple of group). Returns 0, or -1 on arguments this loop does
+ * not handle (the caller then uses the torch-op path). */
+int fg_dequantize_strided(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
+                          int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                          int out_kind, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
+    if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || c_begin % block_codes || group < 1
+            || (ndims > 0 && (vec_len < group || vec_len % group)))
+        return -1;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int per_word = 8 / bits;
+    const float offset = (float)((1 << (bits - 1)) - 1);
+    const int stride = symmetric ? 1 : 2;
+    for (int64_t b0 = c_begin; b0 < c_end; b0 += block_codes) {
+        const uint8_t *blk = packed + b0 / block_codes * block_bytes;
+        for (int k = 0; k < per_word; k++) {
+            int64_t c0 = b0 + k * block_bytes;  /* first code of this field's run */
+            int64_t len = block_bytes;
+            if (c0 >= c_end) break;
+            if (c0 + len > c_end) len = c_end - c0;
+            for (int64_t j = 0; j < len;) {  /* split the run at group boundaries (inside one vector) */
+                int64_t c = c0 + j, r = c / group;
+                int64_t n = (r + 1) * group - c;
+                if (n > len - j) n = len - j;
+                const uint16_t *m = meta + r * stride;
+                float lo = symmetric ? 0.0f : half_to_float(m[0]);
+                float step = half_to_float(symmetric ? m[0] : m[1]);
+                int64_t d = dest_of(c, vec_len, ndims, dims, strides);
+                if (out_kind == 0)
+                    run_f32(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (float *)out + d);
+                else
+                    run_bf16(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (uint16_t *)out + d);
+                j += n;
+            }
+        }
+    }
+    return 0;
+}
+
+int fg_dequantize(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
+                  int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                  int out_kind) {
+    return fg_dequantize_strided(packed, meta, out, c_begin, c_end, bits, block_codes, block_bytes, group,
+                                 symmetric, out_kind, 0, 0, 0, 0);
+}
+
+/* ---- quantization (the inverse: compression.quantize's torch-op path, bit for bit) ---------------- */
+
+static inline uint16_t float_to_half(float f) {  /* round to nearest even; |f| <= 65504 here */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x47800000u) return (uint16_t)(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (ax < 0x38800000u) {  /* half subnormal or zero: units of 2^-24, exact scaling, one rounding */
+        float v;
+        memcpy(&v, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)rintf(v * 16777216.0f));
+    }
+    uint32_t half = ((((ax >> 23) - 127 + 15) << 10) | ((ax & 0x7fffffu) >> 13)), rest = ax & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) half++;  /* a carry into the exponent is right */
+    return (uint16_t)(sign | half);
+}
+
+/* An fp16-representable bound of t: >= t (up) or <= t, as compression._fp16_toward computes it. */
+static inline float fp16_toward(float t, int up) {
+    const float fmax = 65504.0f;
+    float c = t > fmax ? fmax : (t < -fmax ? -fmax : t);
+    float h = half_to_float(float_to_half(c));
+    float ulp = 5.9604644775390625e-08f;  /* 2^-24: the subnormal step, and the step at 0 */
+    if (h != 0.0f) {  /* 2^(e-11) for h = m 2^e, m in [0.5, 1): fp32 exponent field minus 10 */
+        uint32_t hb, ub;
+        memcpy(&hb, &h, 4);
+        ub = (((hb >> 23) & 0xffu) - 10u) << 23;  /* h is an fp16 value: field >= 103, no underflow */
+        float u;
+        memcpy(&u, &ub, 4);
+        if (u > ulp) ulp = u;
+    }
+    int wrong = up ? h < t : h > t;
+    float r = wrong ? (up ? h + ulp : h - ulp) : h;
+    return r > fmax ? fmax : (r < -fmax ? -fmax : r);
+}
+
+#define QCHUNK 4096  /* codes per chunk: its values, codes and packed bytes stay in L1/L2 */
+
+static void load_values(const void *src, int kind, int64_t begin, int64_t n, float *out) {
+    if (kind == 1) {  /* bf16: the top half of an fp32 */
+        const uint16_t *h = (const uint16_t *)src + begin;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)h[i] << 16;
+            memcpy(out + i, &u, 4);
+        }
+    } else {
+        const uint16_t *h = (const uint16_t *)src + begin;
+        for (int64_t i = 0; i < n; i++) out[i] = half_to_float(h[i]);
+    }
+}
+
+/* min and max of v[0..n): 8 lanes at a time where AVX is there (the compiler does not vectorize
+ * this reduction without -ffinite-math-only); lane min(a, b) is a < b ? a : b, as in the scalar tail */
+static inline void minmax(const float *v, int64_t n, float *mn_out, float *mx_out) {
+    float mn = v[0], mx = v[0];
+    int64_t i = 0;
+#ifdef __AVX__
+    if (n >= 8) {
+        __m256 vmn = _mm256_loadu_ps(v), vmx = vmn;
+        for (i = 8; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(v + i);
+            vmn = _mm256_min_ps(x, vmn);
+            vmx = _mm256_max_ps(x, vmx);
+        }
+        float a[8], b[8];
+        _mm256_storeu_ps(a, vmn);
+        _mm256_storeu_ps(b, vmx);
+        for (int l = 0; l < 8; l++) {
+            mn = a[l] < mn ? a[l] : mn;
+            mx = b[l] > mx ? b[l] : mx;
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        mn = v[i] < mn ? v[i] : mn;
+        mx = v[i] > mx ? v[i] : mx;
+    }
+    *mn_out = mn;
+    *mx_out = mx;
+}
+
+static int64_t gcd64(int64_t a, int64_t b) { while (b) { int64_t t = a % b; a = b; b = t; } return a; }
+
+/* Quantize groups of `group` consecutive values of `src` (fp32 / bf16 / fp16 by src_kind: 0 / 1 / 2)
+ * covering codes [c_begin, c_end): c_begin a multiple of both block_codes and group, c_end too unless
+ * it is the tensor's end (a whole number of groups). Writes packed blocks (the last one zero-padded)
+ * and the fp16 meta of those groups. Returns 0, or -1 on arguments this loop does not handle.
+ * Speed: chunks of whole blocks and groups; per group a min/max pass over 8 lanes and a quantize
+ * pass, both loops the compiler vectorizes; packing shifts whole runs of codes. */
+int fg_quantize(const void *src, int src_kind, uint8_t *packed, uint16_t *meta, int64_t c_begin, int64_t c_end,
+                int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric) {
+    if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || group < 1 || c_begin % block_codes
+            || c_begin % group || (c_end - c_begin) % group || src_kind < 0 || src_kind > 2)
+        return -1;
+    const int64_t unit = block_codes / gcd64(block_codes, group) * group;
+    const int64_t chunk = QCHUNK / unit * unit;
+    if (chunk == 0) return -1;
+    const int per_word = 8 / bits;
+    const float top = symmetric ? (float)((1 << (bits - 1)) - 1) : (float)((1 << bits) - 1);
+    const float qmin = symmetric ? -top : 0.0f;
+    float vals[QCHUNK];
+    uint8_t codes[QCHUNK + 256];
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
+        int64_t n = c_end - c0 < chunk ? c_end - c0 : chunk;
+        const float *x = (const float *)src + c0;  /* fp32 is read in place */
+        if (src_kind != 0) {
+            load_values(src, src_kind, c0, n, vals);
+            x = vals;
+        }
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const float *v = x + g0;
+            float mn, mx;
+            minmax(v, group, &mn, &mx);
+            int64_t r = (c0 + g0) / group;
+            float lo = 0.0f, step;
+            if (symmetric) {
+                float am = fabsf(mn) > fabsf(mx) ? fabsf(mn) : fabsf(mx);
+                step = fp16_toward(am / top, 1);
+                meta[r] = float_to_half(step);
+            } else {
+                lo = fp16_toward(mn, 0);
+                step = fp16_toward((mx - lo) / top, 1);
+                meta[2 * r] = float_to_half(lo);
+                meta[2 * r + 1] = float_to_half(step);
+            }
+            const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+            const float shift = symmetric ? top : 0.0f;
+            uint8_t *q = codes + g0;
+            for (int64_t j = 0; j < group; j++) {  /* (x - lo) * inv, rounded half to even, clamped */
+                float t = rintf((v[j] - lo) * inv);
+                t = t < qmin ? qmin : (t > top ? top : t);
+                q[j] = (uint8_t)(int32_t)(t + shift);
+            }
+        }
+        int64_t nblocks = (n + block_codes - 1) / block_codes;
+        for (int64_t j = n; j < nblocks * block_codes; j++) codes[j] = 0;
+        uint8_t *out = packed + c0 / block_codes * block_bytes;
+        for (int64_t b = 0; b < nblocks; b++) {
+            const uint8_t *cb = codes + b * block_codes;
+            uint8_t *ob = out + b * block_bytes;
+            if (per_word == 2) {  /* 4 bits: the common case, a constant shift vectorizes */
+                for (int64_t j = 0; j < block_bytes; j++) ob[j] = (uint8_t)(cb[j] | (cb[j + block_bytes] << 4));
+            } else {
+                for (int64_t j = 0; j < block_bytes; j++) ob[j] = cb[j];
+                for (int k = 1; k < per_word; k++)
+                    for (int64_t j = 0; j < block_bytes; j++)
+                        ob[j] |= (uint8_t)(cb[j + k * block_bytes] << (bits * k));
+            }
+        }
+    }
+    return 0;
+}
