@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--cpu-cache-compute", action="store_true")
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
+    p.add_argument("--int4-kernel", choices=("auto", "fused", "dequantize"), default="auto",
+                   help="4-bit weights on a bf16 CPU: torch's fused kernel, or dequantize at load for dense "
+                        "matmuls (auto: by rows per decode matmul)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
@@ -81,7 +84,7 @@ def _policy(args) -> Policy | str:
     return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                num_gpu_batches=args.num_gpu_batches, cpu_cache_compute=args.cpu_cache_compute,
                                compress_weight=args.compress_weight, compress_cache=args.compress_cache,
-                               overlap=not args.no_overlap)
+                               overlap=not args.no_overlap, int4_kernel=args.int4_kernel)
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

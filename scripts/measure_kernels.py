@@ -3,7 +3,8 @@
 Per row count: dense matmul in bf16 and fp32 and torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
-the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed).
+the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
+the same two ways, of the whole weight and of one new KV-cache row.
 
     python scripts/measure_kernels.py --json reports/bench/kernels.json [--threads N]
 """
@@ -66,20 +67,35 @@ def main() -> None:
         rows_out.append(row)
         print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)
 
-    packed, meta = C.quantize(ws[0], cfg)
-    deq = {}
-    for dt in (torch.bfloat16, torch.float32):
-        out = torch.empty(n, k, dtype=dt)
+    def both_paths(fn, reps: int) -> dict[str, float]:
+        """Median seconds of fn through the compiled loop (when it builds here) and the torch ops."""
+        out = {}
         for path in ("compiled", "torch_ops"):
             if path == "torch_ops":
                 os.environ["FLEXGEN_HELM_NO_KERNELS"] = "1"
             kernels._library.cache_clear()
             if path == "compiled" and not kernels.available():
                 continue
-            t = _median_s(lambda: C.dequantize(packed, meta, (n, k), cfg, dt, out=out), args.reps)
-            deq[f"{path}_{str(dt).split('.')[1]}_ns_per_value"] = t / (n * k) * 1e9
+            out[path] = _median_s(fn, reps)
             os.environ.pop("FLEXGEN_HELM_NO_KERNELS", None)
-    kernels._library.cache_clear()
+        kernels._library.cache_clear()
+        return out
+
+    packed, meta = C.quantize(ws[0], cfg)
+    deq = {}
+    for dt in (torch.bfloat16, torch.float32):
+        out = torch.empty(n, k, dtype=dt)
+        for path, t in both_paths(lambda: C.dequantize(packed, meta, (n, k), cfg, dt, out=out), args.reps).items():
+            deq[f"{path}_{str(dt).split('.')[1]}_ns_per_value"] = t / (n * k) * 1e9
+    # quantization: the whole weight, and one decode step's new K/V row of an OPT-1.3b micro-batch
+    # of 32 (2 x 32 x 32 heads x 64), which the engine quantizes per (layer, micro-batch)
+    quant = {}
+    kv_row = torch.randn(1, 2, 32, 32, 64)
+    for name, x in (("weight_8192x2048", ws[0].to(torch.bfloat16)), ("kv_row_2x32x32x64", kv_row.to(torch.bfloat16))):
+        reps = args.reps if x.numel() > 1e6 else 20 * args.reps
+        for path, t in both_paths(lambda: C.quantize(x, cfg), reps).items():
+            quant[f"{path}_{name}_ns_per_value"] = t / x.numel() * 1e9
+    print(" ".join(f"{key} {v:.3f}" for key, v in quant.items()), flush=True)
     src, dst = ws[1].to(torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16)
     deq["bf16_copy_ns_per_value"] = _median_s(lambda: dst.copy_(src), args.reps) / (n * k) * 1e9
     print(" ".join(f"{key} {v:.3f}" for key, v in deq.items()), flush=True)
@@ -87,7 +103,7 @@ def main() -> None:
     result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "fast_bf16": cpu_has_fast_bf16(),
               "threads": torch.get_num_threads(), "weight_shape": [n, k], "matmul": rows_out,
-              "dequantize_4bit_g64": deq}
+              "dequantize_4bit_g64": deq, "quantize_4bit_g64_from_bf16": quant}
     try:
         with open("/proc/cpuinfo") as f:
             result["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

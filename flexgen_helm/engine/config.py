@@ -65,6 +65,9 @@ class CompressionConfig:
         return f"{self.num_bits}-bit g{self.group_size}" + (" sym" if self.symmetric else "")
 
 
+INT4_KERNELS = ("auto", "fused", "dequantize")
+
+
 @dataclass(frozen=True)
 class Policy:
     gpu_batch_size: int = 1
@@ -87,8 +90,14 @@ class Policy:
     compress_cache: bool = False
     comp_cache_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))
+    # 4-bit weights on a CPU compute device in bf16: "fused" multiplies them in torch's fused 4-bit
+    # kernel, "dequantize" expands them at load for dense matmuls, "auto" picks by rows per decode
+    # matmul (placement.uses_fused_int4)
+    int4_kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.int4_kernel not in INT4_KERNELS:
+            raise ConfigError(f"int4_kernel={self.int4_kernel!r}: choose one of {', '.join(INT4_KERNELS)}")
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
             raise ConfigError("gpu_batch_size and num_gpu_batches must be >= 1")
         for kind in ("w", "cache", "act"):

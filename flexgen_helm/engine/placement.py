@@ -50,15 +50,38 @@ def _round_to(x: float, a: int) -> int:
     return int(round(x / a)) * a
 
 
+# Rows per decode matmul up to which the fused 4-bit kernel beats dequantize + dense bf16 on a CPU
+# with hardware bf16 (AMX / AVX512-BF16). Measured on a 2-core Xeon with AMX (README, kernel
+# figures): fused 2-3x faster at 1-4 rows, dense faster from 16 rows (at 256 rows ~10x).
+FUSED_INT4_MAX_ROWS = 8
+
+
+def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
+    """Are 4-bit linear weights multiplied by torch's fused CPU kernel (else dequantized at load)?
+    Only with bf16 activations on a CPU: with fp32 that kernel takes a scalar path (measured 1
+    GFLOP/s vs 12-30 in bf16 on AVX2). "auto": always where bf16 is emulated (the fused kernel
+    beats emulated dense bf16 at every row count, measured on AVX2), else while a decode matmul
+    has at most FUSED_INT4_MAX_ROWS rows (the prefill's many rows pay the fused rate too, but a
+    block's decode steps outnumber it)."""
+    if not (cpu_compute and dtype_bytes == 2 and policy.compress_weight):
+        return False
+    if policy.int4_kernel != "auto":
+        return policy.int4_kernel == "fused"
+    from .config import cpu_has_fast_bf16
+    if not cpu_has_fast_bf16():
+        return True
+    rows = policy.gpu_batch_size * (policy.num_gpu_batches if policy.block_matmul else 1)
+    return rows <= FUSED_INT4_MAX_ROWS
+
+
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
-    """Slots of scheduling layer j. cpu_compute with a 2-byte (bf16) compute dtype: 4-bit linear
-    weights are stored in the fused CPU kernel's layout (kind "int4pack": multiplied without
-    dequantization) where their shape allows. With fp32 activations that kernel takes a scalar path
-    (measured 1 GFLOP/s vs 12-30 in bf16 on AVX2), so fp32 weights are dequantized at load instead."""
+    """Slots of scheduling layer j. 4-bit linear weights multiplied by the fused CPU kernel
+    (uses_fused_int4) are stored in its layout (kind "int4pack": never dequantized) where their
+    shape allows; other compressed weights are dequantized at load ("compressed")."""
     from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
-    fused = cpu_compute and dtype_bytes == 2
+    fused = uses_fused_int4(policy, dtype_bytes, cpu_compute)
     for ref in spec.layer_tensors(j):
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes

@@ -152,12 +152,10 @@ class Estimate:
                 "link_bytes": self.link_bytes, "bottlenecks": self.bottlenecks}
 
 
-def _weight_sizes(spec: ModelSpec, es: int, compress: bool, cfg: CompressionConfig,
-                  cpu_compute: bool) -> list[tuple[int, int]]:
+def _weight_sizes(spec: ModelSpec, es: int, pol: Policy, cpu_compute: bool) -> list[tuple[int, int]]:
     """(stored bytes, bytes dequantized per load) of every scheduling layer: embedding, decoders,
-    head. On a CPU compute device 4-bit linear weights use the fused kernel: nothing to dequantize."""
+    head. 4-bit linear weights in the fused CPU kernel's layout have nothing to dequantize."""
     from ..engine.placement import layer_layout
-    pol = Policy(compress_weight=compress, comp_weight_config=cfg)
     out = []
     for j in (0, 1, spec.num_layers + 1):
         lay = layer_layout(spec, j, es, pol, cpu_compute=cpu_compute)
@@ -191,7 +189,8 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
                       gen_len: int, dtype_bytes: int, cpu_cache_compute: bool = False,
                       compress_weight: bool = False, compress_cache: bool = False,
                       comp_weight_config: CompressionConfig | None = None,
-                      comp_cache_config: CompressionConfig | None = None, block_matmul: bool = True) -> BlockModel:
+                      comp_cache_config: CompressionConfig | None = None, block_matmul: bool = True,
+                      int4_kernel: str = "auto") -> BlockModel:
     """block_matmul: decode runs each layer's projections and MLP once over all K micro-batches'
     rows (b*K rows per matmul instead of b), as the engine does by default."""
     from ..engine.placement import step_workspace_nbytes
@@ -204,7 +203,9 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     kv_tok = spec.kv_bytes_per_token(es)  # K and V of one position in one layer
     b, K, s, n = gbs, ngb, prompt_len, gen_len
     ccc = cpu_cache_compute
-    (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, compress_weight, wcfg, not cuda)
+    wpol = Policy(gpu_batch_size=b, num_gpu_batches=K, block_matmul=block_matmul, compress_weight=compress_weight,
+                  comp_weight_config=wcfg, int4_kernel=int4_kernel)
+    (emb_st, emb_dn), (dec_st, dec_dn), (head_st, head_dn) = _weight_sizes(spec, es, wpol, not cuda)
     # decoder weights in the fused 4-bit CPU layout (nothing dequantized) and a measured rate for it
     fused_int4 = compress_weight and dec_dn == 0 and hw.int4_rate(1) is not None
     W_st = emb_st + L * dec_st + head_st
@@ -446,7 +447,7 @@ def model_for_policy(spec: ModelSpec, policy: Policy, hw: HardwareProfile, promp
     return build_block_model(spec, hw, policy.gpu_batch_size, policy.num_gpu_batches, prompt_len, gen_len,
                              dtype_bytes, policy.cpu_cache_compute, policy.compress_weight,
                              policy.compress_cache, policy.comp_weight_config, policy.comp_cache_config,
-                             policy.block_matmul)
+                             policy.block_matmul, policy.int4_kernel)
 
 
 def estimate(spec: ModelSpec, policy: Policy, hw: HardwareProfile, prompt_len: int, gen_len: int,
