@@ -432,3 +432,36 @@ def test_dequantize_transposed_equals_dequantize_then_permute(bits):
             assert C.dequantize_transposed(packed, meta, out, (3, 0, 1, 2), cfg)
             assert torch.equal(out, want)
             assert torch.isnan(buf[:, b:]).all() and torch.isnan(buf[:, :b, :, n:]).all()  # nothing else written
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (2, False), (8, True)])
+def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(bits, symmetric):
+    """The C decode attention over a compressed KV prefix gives SDPA's output on the dequantized
+    prefix: MHA and GQA, head_dim of one group, two groups and less than a group, left padding,
+    a sliding window, fp32 and bf16."""
+    from flexgen_helm.engine import kernels
+    from flexgen_helm.engine.layers import decode_attention
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    torch.manual_seed(bits)
+    for (B, H, Hq, D, n, window) in ((3, 4, 4, 64, 37, None), (2, 2, 8, 128, 50, None), (2, 3, 6, 32, 20, 9),
+                                     (1, 1, 1, 64, 1, None)):
+        cfg = CompressionConfig(num_bits=bits, group_size=64, group_dim=-1, symmetric=symmetric)
+        g = min(64, D)
+        rows = torch.randn(n, 2, B, H, D)
+        packed, meta = C.quantize(rows, cfg)
+        mask = torch.ones(B, n + 1, dtype=torch.bool)
+        mask[0, :min(5, n)] = False  # left padding of the first sequence
+        for dt, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+            deq = C.dequantize(packed, meta, rows.shape, cfg, dt)
+            q, nk, nv = (torch.randn(B, h, 1, D).to(dt) for h in (Hq, H, H))
+            k_all = torch.cat([deq[:, 0].permute(1, 2, 0, 3), nk], 2)
+            v_all = torch.cat([deq[:, 1].permute(1, 2, 0, 3), nv], 2)
+            want = decode_attention(q, k_all, v_all, mask, window)
+            allowed = mask.clone()
+            if window is not None:
+                allowed[:, :n + 1 - window] = False
+            got = kernels.attend_compressed(packed, meta, n, q, nk, nv, allowed, bits, C._BLOCK[bits][0],
+                                            C._BLOCK[bits][1], g, symmetric)
+            assert got is not None and got.dtype == dt and got.shape == want.shape
+            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (B, H, Hq, D, n, dt)

@@ -150,10 +150,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
     return _sdpa(q, k, v, allowed)
 
 
-def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
-                     key_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """q: (b, H, 1, d) against n cached keys (b, G, n, d); key_mask (b, n) bool."""
+def window_mask(key_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """key_mask (b, n) bool with only the last `window` positions kept (sliding-window layers)."""
     if window is not None and key_mask.shape[1] > window:
         key_mask = key_mask.clone()
         key_mask[:, :key_mask.shape[1] - window] = False
-    return _sdpa(q, k_all, v_all, key_mask[:, None, None, :])
+    return key_mask
+
+
+def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                     key_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """q: (b, H, 1, d) against n cached keys (b, G, n, d); key_mask (b, n) bool."""
+    return _sdpa(q, k_all, v_all, window_mask(key_mask, window)[:, None, None, :])

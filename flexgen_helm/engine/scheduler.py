@@ -125,8 +125,12 @@ class BlockRun:
         """The tier attention runs on for this block."""
         return "cpu" if self.ccc and blk.tier != "gpu" else "gpu"
 
+    def _in_place(self, blk: CacheBlock) -> bool:
+        """Does decode attention read this compressed block where it lies (no staging)?"""
+        return self._where(blk) == blk.tier and blk.attends_in_place(self.spec.num_heads)
+
     def _needs_stage(self, blk: CacheBlock) -> bool:
-        return blk.staged or self._where(blk) != blk.tier
+        return (blk.staged or self._where(blk) != blk.tier) and not self._in_place(blk)
 
     def _wait(self, fut: Future):
         t0 = time.perf_counter()
@@ -273,7 +277,7 @@ class BlockRun:
             pipe.cursor += 1
             if self.overlap:
                 self._prefetch(pipe, pipe.cursor, step)  # next block's prefix loads while this one computes
-        return self._timed(_decode_attend(blk, mb, step, staged, self.ccc, self.dev, window))
+        return self._timed(_decode_attend(blk, mb, step, staged, self.ccc, self.dev, window, self._in_place(blk)))
 
     def _timed(self, attend):
         def timed(q, k, v):
@@ -327,7 +331,7 @@ def _prefill_attend(blk: CacheBlock, mb: MicroBatch, window: int | None):
 
 
 def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool, dev: torch.device,
-                   window: int | None):
+                   window: int | None, in_place: bool = False):
     n_old = mb.prompt_len + step - 1  # positions already cached; the new token goes at n_old
 
     def attend(q, k, v):
@@ -336,6 +340,10 @@ def _decode_attend(blk: CacheBlock, mb: MicroBatch, step: int, staged, ccc: bool
             q, k, v = q.cpu(), k.cpu(), v.cpu()
             blk.tiers.count("gpu->cpu", (q.numel() + 2 * k.numel()) * q.element_size())
         k, v = blk.write(n_old, k, v)
+        if in_place:  # compressed prefix read where it lies (CPU): nothing staged
+            allowed = layers.window_mask(mb.mask[:, :n_old + 1], window)
+            out = blk.attend_in_place(n_old, q, k, v, allowed)
+            return out.to(dev) if on_host else out
         if staged is None:
             k_all, v_all = blk.resident(n_old + 1)
         else:

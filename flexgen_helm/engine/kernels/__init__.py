@@ -95,6 +95,9 @@ def _library():
     lib.fg_dequantize_strided.argtypes = [ptr, ptr, ptr, i64, i64, c_int, i64, i64, i64, c_int, c_int, i64, c_int,
                                           i64p, i64p]
     lib.fg_quantize.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, i64, i64, i64, c_int]
+    lib.fg_attend_compressed.restype = c_int
+    lib.fg_attend_compressed.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr, ptr,
+                                         ptr, ptr, ptr, c_int, ctypes.c_float, ptr, i64, i64]
     return lib
 
 
@@ -149,12 +152,42 @@ def quantize_into(x, packed, meta, bits: int, block_codes: int, block_bytes: int
     return _split(lambda b, e: lib.fg_quantize(*head, b, e, *tail), x.numel(), math.lcm(block_codes, group))
 
 
-def _split(call, num_codes: int, unit: int) -> bool:
+def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int, block_codes: int,
+                      block_bytes: int, group: int, symmetric: bool):
+    """One decode step of attention read straight from a compressed KV prefix (the C loop).
+    packed/meta: positions [0, n) of an (n, 2, B, H, D) tensor as compression.quantize lays it out
+    (groups of `group` along D); q (B, Hq, 1, D); new_k, new_v (B, H, 1, D): the current token at
+    position n; allowed (B, n + 1) bool. Returns (B, Hq, 1, D) in q's dtype, or None when the loop
+    cannot (the caller dequantizes the prefix and runs SDPA instead)."""
+    import torch
+    lib = _library()
+    kind = {torch.float32: 0, torch.bfloat16: 1}.get(q.dtype)
+    B, Hq, _, D = q.shape
+    H = new_k.shape[1]
+    if (lib is None or kind is None or q.device.type != "cpu" or Hq % H or Hq // H > 8 or D > 512 or D % group
+            or new_k.dtype != q.dtype or new_v.dtype != q.dtype or meta.dtype != torch.float16):
+        return None
+    q, new_k, new_v = q.contiguous(), new_k.contiguous(), new_v.contiguous()
+    ok = allowed.to(torch.uint8).contiguous()
+    out = torch.empty_like(q)
+    scratch_len = (n + 1) * (Hq // H) + D
+
+    def call(b: int, e: int) -> int:
+        scratch = torch.empty(scratch_len, dtype=torch.float32)
+        return lib.fg_attend_compressed(packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes,
+                                        block_bytes, group, int(symmetric), q.data_ptr(), new_k.data_ptr(),
+                                        new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5,
+                                        scratch.data_ptr(), b, e)
+    return out if _split(call, B * H, 1, work=2 * n * B * H * D) else None
+
+
+def _split(call, num_codes: int, unit: int, work: int | None = None) -> bool:
     """call(begin, end) over [0, num_codes), in one piece per thread (cut at multiples of `unit`) when
-    the work is big enough: each piece runs in a pool thread (ctypes drops the GIL)."""
+    the work (values touched; default num_codes) is big enough: each piece runs in a pool thread
+    (ctypes drops the GIL)."""
     import torch
     threads = max(1, torch.get_num_threads())
-    if num_codes < _MIN_PARALLEL or threads == 1:
+    if (num_codes if work is None else work) < _MIN_PARALLEL or threads == 1 or num_codes < 2 * unit:
         return call(0, num_codes) == 0
     per = -(-num_codes // threads // unit) * unit
     bounds = [(b, min(b + per, num_codes)) for b in range(0, num_codes, per)]

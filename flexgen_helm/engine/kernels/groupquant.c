@@ -274,3 +274,126 @@ int fg_quantize(const void *src, int src_kind, uint8_t *packed, uint16_t *meta, 
     }
     return 0;
 }
+
+/* ---- decode attention read straight from a compressed KV prefix ----------------------------------- */
+
+static inline float load_one(const void *src, int kind, int64_t i) {  /* kind 0 fp32, 1 bf16 */
+    if (kind == 0) return ((const float *)src)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)src)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float round_to(float v, int kind) {  /* the value as the compute dtype holds it */
+    if (kind == 1) {
+        uint32_t u = (uint32_t)float_to_bf16(v) << 16;
+        memcpy(&v, &u, 4);
+    }
+    return v;
+}
+
+/* Dequantize the D consecutive codes starting at code c (c and D inside whole groups) to out[0..D),
+ * rounded to the compute dtype as compression.dequantize would store them. */
+static void dequant_vector(const uint8_t *packed, const uint16_t *meta, int64_t c, int64_t D, int bits,
+                           int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric, int kind,
+                           float *out) {
+    const uint32_t mask = (1u << bits) - 1u;
+    const float offset = (float)((1 << (bits - 1)) - 1);
+    for (int64_t t = 0; t < D;) {
+        int64_t cc = c + t, o = cc % block_codes;
+        int64_t j = o % block_bytes, k = o / block_bytes;
+        int64_t r = cc / group;
+        int64_t n = block_bytes - j;                /* run inside one field of one block */
+        int64_t g_left = (r + 1) * group - cc;      /* and inside one group */
+        if (n > g_left) n = g_left;
+        if (n > D - t) n = D - t;
+        const uint16_t *m = meta + r * (symmetric ? 1 : 2);
+        float lo = symmetric ? 0.0f : half_to_float(m[0]);
+        float step = half_to_float(symmetric ? m[0] : m[1]);
+        const uint8_t *src = packed + cc / block_codes * block_bytes + j;
+        int shift = bits * (int)k;
+        for (int64_t i = 0; i < n; i++) {
+            float v = (float)(((uint32_t)src[i] >> shift) & mask);
+            if (symmetric) { v = v - offset; v = v * step; } else { v = v * step; v = v + lo; }
+            out[t + i] = round_to(v, kind);
+        }
+        t += n;
+    }
+}
+
+/* One decode step of attention for (batch row, KV head) pairs [p_begin, p_end) of B x H, every query
+ * head of the pair's group at once (GQA: Hq = H x group_q). The cache holds positions [0, n) of an
+ * (n, 2, B, H, D) tensor in compression.py's packed format; the new token's key and value (B, H, D)
+ * come dense, at position n. q and out: (B, Hq, D); allowed: (B, n + 1) bytes, 1 = attend (padding
+ * and window applied by the caller; position n must be allowed). kind: 0 fp32, 1 bf16 (q, new
+ * K/V and out). Scores and softmax in fp32. scratch: (n + 1) x group_q + D floats per thread.
+ * Speed: reads 4-bit codes (0.28x of bf16 bytes) once per KV head instead of a dequantized copy. */
+int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n, int64_t B, int64_t H, int64_t Hq,
+                         int64_t D, int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                         const void *q, const void *new_k, const void *new_v, const uint8_t *allowed, void *out,
+                         int kind, float scale, float *scratch, int64_t p_begin, int64_t p_end) {
+    if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || group < 1 || D % group || Hq % H
+            || Hq / H > 8 || D > 512 || kind < 0 || kind > 1)
+        return -1;
+    const int64_t gq = Hq / H;
+    float *scores = scratch, *kv = scratch + (n + 1) * gq;
+    for (int64_t p = p_begin; p < p_end; p++) {
+        const int64_t bi = p / H, h = p % H;
+        const uint8_t *ok = allowed + bi * (n + 1);
+        float qv[8][512];  /* up to 8 query heads per KV head, D <= 512 (checked by the caller) */
+        for (int64_t g = 0; g < gq; g++)
+            for (int64_t t = 0; t < D; t++) qv[g][t] = load_one(q, kind, (bi * Hq + h * gq + g) * D + t);
+        for (int64_t i = 0; i <= n; i++) {
+            if (!ok[i]) {
+                for (int64_t g = 0; g < gq; g++) scores[g * (n + 1) + i] = -INFINITY;
+                continue;
+            }
+            if (i < n) {
+                dequant_vector(packed, meta, (((i * 2 + 0) * B + bi) * H + h) * D, D, bits, block_codes,
+                               block_bytes, group, symmetric, kind, kv);
+            } else {
+                for (int64_t t = 0; t < D; t++) kv[t] = load_one(new_k, kind, (bi * H + h) * D + t);
+            }
+            for (int64_t g = 0; g < gq; g++) {
+                float dot = 0.0f;
+                for (int64_t t = 0; t < D; t++) dot += qv[g][t] * kv[t];
+                scores[g * (n + 1) + i] = dot * scale;
+            }
+        }
+        for (int64_t g = 0; g < gq; g++) {  /* softmax over the allowed positions */
+            float *s = scores + g * (n + 1), mx = -INFINITY, sum = 0.0f;
+            for (int64_t i = 0; i <= n; i++) mx = s[i] > mx ? s[i] : mx;
+            for (int64_t i = 0; i <= n; i++) {
+                s[i] = ok[i] ? expf(s[i] - mx) : 0.0f;
+                sum += s[i];
+            }
+            for (int64_t i = 0; i <= n; i++) s[i] /= sum;
+        }
+        /* out = sum_i p_i v_i, one value vector dequantized once for every query head of the group */
+        float accg[8][512];
+        for (int64_t g = 0; g < gq; g++)
+            for (int64_t t = 0; t < D; t++) accg[g][t] = 0.0f;
+        for (int64_t i = 0; i <= n; i++) {
+            if (!ok[i]) continue;
+            if (i < n) {
+                dequant_vector(packed, meta, (((i * 2 + 1) * B + bi) * H + h) * D, D, bits, block_codes,
+                               block_bytes, group, symmetric, kind, kv);
+            } else {
+                for (int64_t t = 0; t < D; t++) kv[t] = load_one(new_v, kind, (bi * H + h) * D + t);
+            }
+            for (int64_t g = 0; g < gq; g++) {
+                float w = scores[g * (n + 1) + i];
+                for (int64_t t = 0; t < D; t++) accg[g][t] += w * kv[t];
+            }
+        }
+        for (int64_t g = 0; g < gq; g++) {
+            int64_t o = (bi * Hq + h * gq + g) * D;
+            for (int64_t t = 0; t < D; t++) {
+                if (kind == 0) ((float *)out)[o + t] = accg[g][t];
+                else ((uint16_t *)out)[o + t] = float_to_bf16(accg[g][t]);
+            }
+        }
+    }
+    return 0;
+}
