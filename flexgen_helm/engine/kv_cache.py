@@ -132,11 +132,12 @@ class CacheBlock:
         with no dequantized copy? (kernels.attend_compressed, when the C loop is built.)"""
         if self.cfg is None or self.raw is None or self.raw.device.type != "cpu" or not self._prefix_aligned():
             return False
-        heads, d = self.shape[2], self.shape[4]
+        rows, heads, d = self.shape[1], self.shape[2], self.shape[4]
         g = max(1, min(self.cfg.group_size, d))
+        block = compression._BLOCK[self.cfg.num_bits][0]
         return (self.dtype in (torch.float32, torch.bfloat16) and self.cfg.num_bits in (2, 4, 8)
-                and self.cfg.group_dim in (-1, 4) and d % g == 0 and d <= 512 and num_q_heads % heads == 0
-                and num_q_heads // heads <= 8 and kernels.available())
+                and self.cfg.group_dim in (-1, 4) and kernels.attend_compressed_ok(rows, heads, num_q_heads, d, block, g)
+                and kernels.available())
 
     def attend_in_place(self, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         allowed: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ def _library():
     lib.fg_quantize.argtypes = [ptr, c_int, ptr, ptr, i64, i64, c_int, i64, i64, i64, c_int]
     lib.fg_attend_compressed.restype = c_int
     lib.fg_attend_compressed.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr, ptr,
-                                         ptr, ptr, ptr, c_int, ctypes.c_float, ptr, i64, i64]
+                                         ptr, ptr, ptr, c_int, ctypes.c_float, i64, i64]
     return lib
 
 
@@ -164,21 +164,26 @@ def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int,
     kind = {torch.float32: 0, torch.bfloat16: 1}.get(q.dtype)
     B, Hq, _, D = q.shape
     H = new_k.shape[1]
-    if (lib is None or kind is None or q.device.type != "cpu" or Hq % H or Hq // H > 8 or D > 512 or D % group
+    if (lib is None or kind is None or q.device.type != "cpu" or not attend_compressed_ok(B, H, Hq, D, block_codes, group)
             or new_k.dtype != q.dtype or new_v.dtype != q.dtype or meta.dtype != torch.float16):
         return None
     q, new_k, new_v = q.contiguous(), new_k.contiguous(), new_v.contiguous()
     ok = allowed.to(torch.uint8).contiguous()
     out = torch.empty_like(q)
-    scratch_len = (n + 1) * (Hq // H) + D
 
     def call(b: int, e: int) -> int:
-        scratch = torch.empty(scratch_len, dtype=torch.float32)
         return lib.fg_attend_compressed(packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes,
                                         block_bytes, group, int(symmetric), q.data_ptr(), new_k.data_ptr(),
-                                        new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5,
-                                        scratch.data_ptr(), b, e)
-    return out if _split(call, B * H, 1, work=2 * n * B * H * D) else None
+                                        new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, b, e)
+    # pieces of whole (row, KV head) pairs whose codes start on a packing block
+    unit = block_codes // math.gcd(block_codes, D)
+    return out if _split(call, B * H, unit, work=2 * n * B * H * D) else None
+
+
+def attend_compressed_ok(B: int, H: int, Hq: int, D: int, block_codes: int, group: int) -> bool:
+    """Shapes attend_compressed takes: each position's keys (values) start on a packing block, and
+    groups tile head_dim."""
+    return Hq % H == 0 and D % group == 0 and (B * H * D) % block_codes == 0
 
 
 def _split(call, num_codes: int, unit: int, work: int | None = None) -> bool:

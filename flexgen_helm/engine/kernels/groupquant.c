@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -79,9 +80,21 @@ static inline int64_t dest_of(int64_t c, int64_t vec_len, int ndims, const int64
  * bytes start at `packed` and meta at `meta`. out_kind: 0 = fp32, 1 = bf16. ndims > 0: strided
  * output as in dest_of (vec_len a multiple of group). Returns 0, or -1 on arguments this loop does
  * not handle (the caller then uses the torch-op path). */
+static int dequant_runs(const uint8_t *packed, const uint16_t *meta, void *out, int64_t origin, int64_t c_begin,
+                        int64_t c_end, int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                        int out_kind, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides);
+
 int fg_dequantize_strided(const uint8_t *packed, const uint16_t *meta, void *out, int64_t c_begin, int64_t c_end,
                           int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
                           int out_kind, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
+    return dequant_runs(packed, meta, out, 0, c_begin, c_end, bits, block_codes, block_bytes, group, symmetric,
+                        out_kind, vec_len, ndims, dims, strides);
+}
+
+/* The loop itself; output index of code c: dest_of(c) - origin. */
+static int dequant_runs(const uint8_t *packed, const uint16_t *meta, void *out, int64_t origin, int64_t c_begin,
+                        int64_t c_end, int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
+                        int out_kind, int64_t vec_len, int ndims, const int64_t *dims, const int64_t *strides) {
     if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || c_begin % block_codes || group < 1
             || (ndims > 0 && (vec_len < group || vec_len % group)))
         return -1;
@@ -103,7 +116,7 @@ int fg_dequantize_strided(const uint8_t *packed, const uint16_t *meta, void *out
                 const uint16_t *m = meta + r * stride;
                 float lo = symmetric ? 0.0f : half_to_float(m[0]);
                 float step = half_to_float(symmetric ? m[0] : m[1]);
-                int64_t d = dest_of(c, vec_len, ndims, dims, strides);
+                int64_t d = dest_of(c, vec_len, ndims, dims, strides) - origin;
                 if (out_kind == 0)
                     run_f32(blk + j, n, bits * k, mask, symmetric, offset, lo, step, (float *)out + d);
                 else
@@ -293,107 +306,139 @@ static inline float round_to(float v, int kind) {  /* the value as the compute d
     return v;
 }
 
-/* Dequantize the D consecutive codes starting at code c (c and D inside whole groups) to out[0..D),
- * rounded to the compute dtype as compression.dequantize would store them. */
-static void dequant_vector(const uint8_t *packed, const uint16_t *meta, int64_t c, int64_t D, int bits,
-                           int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric, int kind,
-                           float *out) {
-    const uint32_t mask = (1u << bits) - 1u;
-    const float offset = (float)((1 << (bits - 1)) - 1);
-    for (int64_t t = 0; t < D;) {
-        int64_t cc = c + t, o = cc % block_codes;
-        int64_t j = o % block_bytes, k = o / block_bytes;
-        int64_t r = cc / group;
-        int64_t n = block_bytes - j;                /* run inside one field of one block */
-        int64_t g_left = (r + 1) * group - cc;      /* and inside one group */
-        if (n > g_left) n = g_left;
-        if (n > D - t) n = D - t;
-        const uint16_t *m = meta + r * (symmetric ? 1 : 2);
-        float lo = symmetric ? 0.0f : half_to_float(m[0]);
-        float step = half_to_float(symmetric ? m[0] : m[1]);
-        const uint8_t *src = packed + cc / block_codes * block_bytes + j;
-        int shift = bits * (int)k;
-        for (int64_t i = 0; i < n; i++) {
-            float v = (float)(((uint32_t)src[i] >> shift) & mask);
-            if (symmetric) { v = v - offset; v = v * step; } else { v = v * step; v = v + lo; }
-            out[t + i] = round_to(v, kind);
-        }
-        t += n;
-    }
+/* sum a[t] b[t] in 16 independent lanes (a sequential sum is one long chain of dependent adds: the
+ * compiler may not reorder it without -ffast-math, and it ran ~8x slower) */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[t + l] * b[t + l];
+    for (; t < n; t++) acc[0] += a[t] * b[t];
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
 }
 
-/* One decode step of attention for (batch row, KV head) pairs [p_begin, p_end) of B x H, every query
- * head of the pair's group at once (GQA: Hq = H x group_q). The cache holds positions [0, n) of an
+/* The 64 4-bit codes starting at code c (a multiple of 64) as floats: in a 128-code block the first
+ * 64 codes are the low nibbles of its 64 bytes and the next 64 the high nibbles. */
+static inline void codes64(const uint8_t *packed, int64_t c, float *out) {
+    const uint8_t *src = packed + (c >> 7) * 64;
+    const int shift = (int)((c >> 6) & 1) * 4;
+    for (int t = 0; t < 64; t++) out[t] = (float)((src[t] >> shift) & 15);
+}
+
+/* One decode step of attention for the (batch row, KV head) pairs [p_begin, p_end) of B x H, every
+ * query head of a pair's group at once (GQA: Hq = H x gq). The cache holds positions [0, n) of an
  * (n, 2, B, H, D) tensor in compression.py's packed format; the new token's key and value (B, H, D)
  * come dense, at position n. q and out: (B, Hq, D); allowed: (B, n + 1) bytes, 1 = attend (padding
- * and window applied by the caller; position n must be allowed). kind: 0 fp32, 1 bf16 (q, new
- * K/V and out). Scores and softmax in fp32. scratch: (n + 1) x group_q + D floats per thread.
- * Speed: reads 4-bit codes (0.28x of bf16 bytes) once per KV head instead of a dequantized copy. */
+ * and window applied by the caller; position n must be allowed). kind: 0 fp32, 1 bf16 (q, new K/V,
+ * out). Cached values, scores, softmax and sums in fp32 (cached values are not rounded to bf16 as a
+ * dequantized bf16 copy would be: slightly more precise). Needs p_begin x D and B x H x D to be
+ * multiples of block_codes, so each position's keys (values) of the pairs are one aligned run.
+ * Speed: 4-bit codes are 0.28x the bytes of a bf16 cache and are read once, never stored
+ * dequantized. With 4-bit groups of 64 the scale and offset leave the inner loops:
+ * q.k = sum over groups of step * (q . codes) + lo * sum(q), and the values' sum likewise, so each
+ * code costs a convert and a multiply-add; other formats dequantize one run per position first. */
 int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n, int64_t B, int64_t H, int64_t Hq,
                          int64_t D, int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
                          const void *q, const void *new_k, const void *new_v, const uint8_t *allowed, void *out,
-                         int kind, float scale, float *scratch, int64_t p_begin, int64_t p_end) {
+                         int kind, float scale, int64_t p_begin, int64_t p_end) {
+    const int64_t P = p_end - p_begin, gq = H > 0 ? Hq / H : 0, BHD = B * H * D;
     if (block_codes != block_bytes * (8 / bits) || (8 % bits) != 0 || group < 1 || D % group || Hq % H
-            || Hq / H > 8 || D > 512 || kind < 0 || kind > 1)
+            || kind < 0 || kind > 1 || (p_begin * D) % block_codes || BHD % block_codes || P < 1)
         return -1;
-    const int64_t gq = Hq / H;
-    float *scores = scratch, *kv = scratch + (n + 1) * gq;
-    for (int64_t p = p_begin; p < p_end; p++) {
-        const int64_t bi = p / H, h = p % H;
-        const uint8_t *ok = allowed + bi * (n + 1);
-        float qv[8][512];  /* up to 8 query heads per KV head, D <= 512 (checked by the caller) */
-        for (int64_t g = 0; g < gq; g++)
-            for (int64_t t = 0; t < D; t++) qv[g][t] = load_one(q, kind, (bi * Hq + h * gq + g) * D + t);
-        for (int64_t i = 0; i <= n; i++) {
-            if (!ok[i]) {
-                for (int64_t g = 0; g < gq; g++) scores[g * (n + 1) + i] = -INFINITY;
-                continue;
-            }
-            if (i < n) {
-                dequant_vector(packed, meta, (((i * 2 + 0) * B + bi) * H + h) * D, D, bits, block_codes,
-                               block_bytes, group, symmetric, kind, kv);
-            } else {
-                for (int64_t t = 0; t < D; t++) kv[t] = load_one(new_k, kind, (bi * H + h) * D + t);
-            }
-            for (int64_t g = 0; g < gq; g++) {
-                float dot = 0.0f;
-                for (int64_t t = 0; t < D; t++) dot += qv[g][t] * kv[t];
-                scores[g * (n + 1) + i] = dot * scale;
-            }
+    const int fast = bits == 4 && group == 64 && block_codes == 128;
+    const int64_t W = P * gq, G = D / group;  /* query vectors handled here; groups per vector */
+    const float offset = (float)((1 << (bits - 1)) - 1);
+    float *qv = malloc(sizeof(float) * (size_t)(2 * W * D + W * (n + 1) + P * D + 2 * W * G + 64));
+    if (!qv) return -1;
+    float *acc = qv + W * D, *scores = acc + W * D, *kv = scores + W * (n + 1);
+    float *qsum = kv + P * D, *cst = qsum + W * G;  /* per (query, group): sum of q; the values' offsets */
+    for (int64_t w = 0; w < W; w++) {
+        for (int64_t t = 0; t < D; t++) {
+            qv[w * D + t] = load_one(q, kind, (p_begin * gq + w) * D + t);
+            acc[w * D + t] = 0.0f;
         }
-        for (int64_t g = 0; g < gq; g++) {  /* softmax over the allowed positions */
-            float *s = scores + g * (n + 1), mx = -INFINITY, sum = 0.0f;
-            for (int64_t i = 0; i <= n; i++) mx = s[i] > mx ? s[i] : mx;
-            for (int64_t i = 0; i <= n; i++) {
-                s[i] = ok[i] ? expf(s[i] - mx) : 0.0f;
-                sum += s[i];
-            }
-            for (int64_t i = 0; i <= n; i++) s[i] /= sum;
-        }
-        /* out = sum_i p_i v_i, one value vector dequantized once for every query head of the group */
-        float accg[8][512];
-        for (int64_t g = 0; g < gq; g++)
-            for (int64_t t = 0; t < D; t++) accg[g][t] = 0.0f;
-        for (int64_t i = 0; i <= n; i++) {
-            if (!ok[i]) continue;
-            if (i < n) {
-                dequant_vector(packed, meta, (((i * 2 + 1) * B + bi) * H + h) * D, D, bits, block_codes,
-                               block_bytes, group, symmetric, kind, kv);
-            } else {
-                for (int64_t t = 0; t < D; t++) kv[t] = load_one(new_v, kind, (bi * H + h) * D + t);
-            }
-            for (int64_t g = 0; g < gq; g++) {
-                float w = scores[g * (n + 1) + i];
-                for (int64_t t = 0; t < D; t++) accg[g][t] += w * kv[t];
-            }
-        }
-        for (int64_t g = 0; g < gq; g++) {
-            int64_t o = (bi * Hq + h * gq + g) * D;
-            for (int64_t t = 0; t < D; t++) {
-                if (kind == 0) ((float *)out)[o + t] = accg[g][t];
-                else ((uint16_t *)out)[o + t] = float_to_bf16(accg[g][t]);
-            }
+        for (int64_t r = 0; r < G; r++) {
+            float sq = 0.0f;
+            for (int64_t t = 0; t < group; t++) sq += qv[w * D + r * group + t];
+            qsum[w * G + r] = sq;
+            cst[w * G + r] = 0.0f;
         }
     }
+    for (int part = 0; part < 2; part++) {  /* 0: scores from the keys; 1: weighted sum of the values */
+        for (int64_t i = 0; i <= n; i++) {
+            const int cached = i < n, direct = cached && fast;
+            int64_t c0 = i * 2 * BHD + part * BHD + p_begin * D;
+            if (cached && !fast) {
+                if (dequant_runs(packed, meta, kv, c0, c0, c0 + P * D, bits, block_codes, block_bytes, group,
+                                 symmetric, 0, 0, 0, 0, 0)) {
+                    free(qv);
+                    return -1;
+                }
+            } else if (!cached) {
+                const void *src = part ? new_v : new_k;
+                for (int64_t t = 0; t < P * D; t++) kv[t] = load_one(src, kind, p_begin * D + t);
+            }
+            for (int64_t p = 0; p < P; p++) {
+                int64_t bi = (p_begin + p) / H;
+                int ok = allowed[bi * (n + 1) + i];
+                if (!ok) {
+                    if (part == 0)
+                        for (int64_t g = 0; g < gq; g++) scores[(p * gq + g) * (n + 1) + i] = -INFINITY;
+                    continue;
+                }
+                float codes[64];
+                for (int64_t r = 0; r < (direct ? G : 1); r++) {
+                    float lo = 0.0f, step = 1.0f;
+                    const float *v = kv + p * D;
+                    if (direct) {  /* one group of 64 codes and its (lo, step) */
+                        int64_t c = c0 + p * D + r * 64;
+                        codes64(packed, c, codes);
+                        const uint16_t *m = meta + (c / 64) * (symmetric ? 1 : 2);
+                        step = half_to_float(symmetric ? m[0] : m[1]);
+                        lo = symmetric ? -offset * step : half_to_float(m[0]);
+                        v = codes;
+                    }
+                    const int64_t len = direct ? 64 : D, off = direct ? r * 64 : 0;
+                    for (int64_t g = 0; g < gq; g++) {
+                        int64_t w = p * gq + g;
+                        if (part == 0) {
+                            float d = dot(qv + w * D + off, v, len);
+                            float sc = direct ? step * d + lo * qsum[w * G + r] : d;
+                            scores[w * (n + 1) + i] = (r ? scores[w * (n + 1) + i] : 0.0f) + sc;
+                        } else {
+                            float pw = scores[w * (n + 1) + i];
+                            float a = direct ? pw * step : pw;
+                            float *dst = acc + w * D + off;
+                            for (int64_t t = 0; t < len; t++) dst[t] += a * v[t];
+                            if (direct) cst[w * G + r] += pw * lo;
+                        }
+                    }
+                }
+            }
+        }
+        if (part == 0)
+            for (int64_t w = 0; w < W; w++) {  /* scale, then softmax over the allowed positions */
+                float *sc = scores + w * (n + 1), mx = -INFINITY, sum = 0.0f;
+                for (int64_t i = 0; i <= n; i++) {
+                    if (sc[i] != -INFINITY) sc[i] *= scale;
+                    mx = sc[i] > mx ? sc[i] : mx;
+                }
+                for (int64_t i = 0; i <= n; i++) {
+                    sc[i] = sc[i] == -INFINITY ? 0.0f : expf(sc[i] - mx);
+                    sum += sc[i];
+                }
+                for (int64_t i = 0; i <= n; i++) sc[i] /= sum;
+            }
+    }
+    for (int64_t w = 0; w < W; w++)
+        for (int64_t t = 0; t < D; t++) {
+            int64_t o = (p_begin * gq + w) * D + t;
+            float v = acc[w * D + t] + cst[w * G + t / group];
+            if (kind == 0) ((float *)out)[o] = v;
+            else ((uint16_t *)out)[o] = float_to_bf16(v);
+        }
+    free(qv);
     return 0;
 }
