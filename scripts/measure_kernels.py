@@ -48,7 +48,7 @@ def main() -> None:
     dense = {dt: [w.to(dt) for w in ws] for dt in (torch.bfloat16, torch.float32)}
     int4 = [C.Int4Weight.from_dense(w, cfg, torch.bfloat16) for w in ws]
     rows_out = []
-    for rows in (1, 4, 16, 64, 256):
+    for rows in (1, 4, 8, 16, 32, 64, 256):
         flops = 2 * rows * n * k
         row = {"rows": rows}
         for name, dt in (("bf16_dense", torch.bfloat16), ("fp32_dense", torch.float32)):

@@ -160,3 +160,26 @@ def test_one_text_form_of_a_policy():
                             compress_cache=True)
     assert p.describe() == "48x3 w 20/80/0 kv 0/100/0 act 0/100/0 cpu-attn kv4"
     assert Policy.from_percent([33.333, 0, 50, 25, 100, 0]).describe() == "1x1 w 33.33/0/66.67 kv 50/25/25 act 100/0/0"
+
+
+def test_search_picks_the_4bit_kernel_from_the_profile_curves():
+    """4-bit weights on a bf16 CPU: the fused kernel is tried against dequantize + dense matmuls, each
+    charged at its measured rates. A fused kernel faster than dense at every row count wins; one that
+    stays slow where dense matmuls speed up (hardware bf16 at many rows) loses to dequantization."""
+    budget = MemoryBudget(gpu=30 * 10**6, cpu=0, disk=0)  # 16-bit weights do not fit at batch 64: 4-bit
+
+    def pick(hw, gbs):
+        res = search(SPEC, prompt_len=32, gen_len=8, budget=budget, hw=hw, dtype_bytes=2, num_prompts=gbs,
+                     allow_compression=True, gbs_candidates=(gbs,), ngb_candidates=(1,))
+        kernels = {c.estimate.policy.int4_kernel for c in res.candidates if c.estimate.policy.compress_weight}
+        assert kernels == {"fused", "dequantize"} or hw.int4_curve == []
+        return res.policy
+
+    emulated = replace(HW, mm_curve=[(1, 1e9), (64, 2e9), (4096, 2e9)], int4_curve=[(1, 2e10), (64, 5e10), (4096, 5e10)],
+                       dequant_bw=1e8)
+    amx = replace(HW, mm_curve=[(1, 1e9), (64, 4e11), (4096, 6e11)], int4_curve=[(1, 2e10), (64, 5e10), (4096, 5e10)],
+                  dequant_bw=5e10)
+    for hw, gbs, want in ((emulated, 64, "fused"), (amx, 64, "dequantize")):
+        p = pick(hw, gbs)
+        assert p.compress_weight and p.int4_kernel == want, (hw.mm_curve, p)
+    assert pick(HW, 64).int4_kernel == "auto"  # no fused-kernel curve measured: the engine's own rule

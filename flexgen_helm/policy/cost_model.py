@@ -103,6 +103,7 @@ class BlockModel:
     cache_blocks: int  # (layer, micro-batch) cache blocks: cache fractions come in 1/cache_blocks steps
     # binary variable -> fractions whose being > 0 forces it to 1 (buffers that exist only then)
     indicators: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    int4_kernel: str = "auto"  # Policy.int4_kernel this model was built for
 
     def time(self, x: dict[str, float]) -> tuple[float, float]:
         """(prefill seconds, decode seconds) of the block at variable values x."""
@@ -420,7 +421,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
         "cache disk write": var("cd", cache_rd_per_pos * (s + max(n - 1, 0))),
     }
     return BlockModel(gbs, ngb, ccc, compress_weight, compress_cache, prefill_slots, decode_slots,
-                      serial, mem, links, nblocks, indicators)
+                      serial, mem, links, nblocks, indicators, int4_kernel=int4_kernel)
 
 
 def policy_variables(spec: ModelSpec, policy: Policy, model: BlockModel | None = None) -> dict[str, float]:

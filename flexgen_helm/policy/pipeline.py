@@ -111,8 +111,9 @@ def _fixed_shape(spec_i: ModelSpec, gbs: int, ngb_total: int, prompt_len: int, g
     limits = effective_budget(budget, hw.device, False)
     base = Policy(pin_weight=hw.device == "cuda")
     best = None
-    for ccc, cw, cc in _variants(hw.device, allow_compression):
-        model = build_block_model(spec_i, hw, gbs, ngb_total, prompt_len, gen_len, dtype_bytes, ccc, cw, cc)
+    for ccc, cw, cc, kernel in _variants(hw, allow_compression, dtype_bytes):
+        model = build_block_model(spec_i, hw, gbs, ngb_total, prompt_len, gen_len, dtype_bytes, ccc, cw, cc,
+                                  int4_kernel=kernel)
         if not _may_fit(model, limits):
             continue
         est, _ = plan_one(spec_i, hw, model, limits, prompt_len, gen_len, dtype_bytes, base, exact_memory=True)

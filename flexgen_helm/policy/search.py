@@ -159,7 +159,7 @@ def _to_policy(x: dict[str, float], model: BlockModel, base: Policy) -> Policy:
                    cache_gpu_percent=100.0 * n_gpu / nb, cache_cpu_percent=100.0 * n_cpu / nb,
                    act_gpu_percent=100.0 if hg else 0.0, act_cpu_percent=0.0 if hg else 100.0,
                    cpu_cache_compute=model.cpu_cache_compute, compress_weight=model.compress_weight,
-                   compress_cache=model.compress_cache)
+                   compress_cache=model.compress_cache, int4_kernel=model.int4_kernel)
 
 
 def _fits(mem: dict[str, int], limits: dict[str, float | None]) -> dict[str, float]:
@@ -200,15 +200,19 @@ def _may_fit(model: BlockModel, limits: dict[str, float | None]) -> bool:
     return True
 
 
-def _variants(device: str, allow_compression: bool) -> list[tuple[bool, bool, bool]]:
-    """(cpu_cache_compute, compress_weight, compress_cache) combinations to try."""
+def _variants(hw: HardwareProfile, allow_compression: bool, dtype_bytes: int = 2) -> list[tuple[bool, bool, bool, str]]:
+    """(cpu_cache_compute, compress_weight, compress_cache, int4_kernel) combinations to try. With
+    4-bit weights on a bf16 CPU whose profile has the fused kernel's curve, both kernels are tried:
+    the model charges one at that curve and the other at dense matmul + dequantization rates."""
     out = []
+    both = hw.device == "cpu" and dtype_bytes == 2 and hw.int4_rate(1) is not None
     for cw in ((False, True) if allow_compression else (False,)):
         for cc in ((False, True) if allow_compression else (False,)):
             for ccc in (False, True):
-                if ccc and cc and device == "cuda":
+                if ccc and cc and hw.device == "cuda":
                     continue  # host-side dequantization of the cache is slower than moving it (FlexGen)
-                out.append((ccc, cw, cc))
+                for kernel in (("fused", "dequantize") if cw and both else ("auto",)):
+                    out.append((ccc, cw, cc, kernel))
     return out
 
 
@@ -244,15 +248,16 @@ def search(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: MemoryBudg
     cands: list[Candidate] = []
     lps = 0
     n_eff = gen_len if gen_len > 0 else 1
-    variants = _variants(hw.device, allow_compression)
+    variants = _variants(hw, allow_compression, dtype_bytes)
     variant_best = {v: math.inf for v in variants}
 
     def try_ngb(gbs: int, ngb: int) -> float:
         """Best per-token seconds over the variants at (gbs, ngb); inf when none fits."""
         nonlocal lps
         best = math.inf
-        for ccc, cw, cc in variants:
-            model = build_block_model(spec, hw, gbs, ngb, prompt_len, n_eff, dtype_bytes, ccc, cw, cc)
+        for ccc, cw, cc, kernel in variants:
+            model = build_block_model(spec, hw, gbs, ngb, prompt_len, n_eff, dtype_bytes, ccc, cw, cc,
+                                      int4_kernel=kernel)
             if not _may_fit(model, limits):
                 continue
             est, k = plan_one(spec, hw, model, limits, prompt_len, n_eff, dtype_bytes, base, fixed)
@@ -263,7 +268,7 @@ def search(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: MemoryBudg
             per_tok = total / ((num_prompts or est.policy.block_size) * n_eff)
             cands.append(Candidate(est, total, per_tok))
             best = min(best, per_tok)
-            variant_best[(ccc, cw, cc)] = min(variant_best[(ccc, cw, cc)], per_tok)
+            variant_best[(ccc, cw, cc, kernel)] = min(variant_best[(ccc, cw, cc, kernel)], per_tok)
         return best
 
     for gi, gbs in enumerate(gbs_candidates):
@@ -304,7 +309,7 @@ def search(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: MemoryBudg
             return SearchResult(c, cands, lps)
         p = est.policy
         model = build_block_model(spec, hw, p.gpu_batch_size, p.num_gpu_batches, prompt_len, n_eff, dtype_bytes,
-                                  p.cpu_cache_compute, p.compress_weight, p.compress_cache)
+                                  p.cpu_cache_compute, p.compress_weight, p.compress_cache, int4_kernel=p.int4_kernel)
         fixed_est, k = plan_one(spec, hw, model, limits, prompt_len, n_eff, dtype_bytes, base, fixed,
                                 exact_memory=True)
         lps += k
