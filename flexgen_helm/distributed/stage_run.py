@@ -25,8 +25,7 @@ from ..engine import layers
 from ..engine.kv_cache import CacheBlock
 from ..engine.placement import cache_block_tiers
 from ..engine.sampling import SamplingParams, row_generators
-from ..engine.scheduler import (BlockRun, BlockTiming, MicroBatch, _CacheStaging, _PrefixPipeline, _from_home,
-                                _head)
+from ..engine.scheduler import BlockRun, BlockTiming, MicroBatch, _CacheStaging, _PrefixPipeline
 from .comm import Channel
 from .split import StageSplit
 
@@ -48,8 +47,9 @@ class StageTimeline:
 
 
 class StageRun(BlockRun):
-    """BlockRun over this stage's layers only; reuses its per-micro-batch steps (`_embed`,
-    `_decoder`, `_prefetch`) with global layer indices."""
+    """BlockRun over this stage's layers only; reuses its steps (`_apply`: embeddings, decoders and
+    head, block-wide over a group's micro-batches where the policy allows; `_prefetch`) with global
+    layer indices."""
 
     def __init__(self, engine, mbs: list[MicroBatch], groups: list[list[int]], max_new: int,
                  params: SamplingParams, seed: int, want_prompt_logprobs: bool, timing: BlockTiming,
@@ -154,7 +154,6 @@ class StageRun(BlockRun):
                                 if self._needs_stage(self.caches[l][k])] if step else [])
         if self.overlap:
             self._prefetch(pipe, 0, step)
-        L = self.spec.num_layers
         for i, j in enumerate(self.sched):
             fut = self.pending_layer if self.pending_layer is not None else self.store.submit(j)
             self.pending_layer = None
@@ -163,16 +162,7 @@ class StageRun(BlockRun):
                 torch.cuda.current_stream().wait_event(layer.ready)
             if self.overlap and not (final and i == len(self.sched) - 1):
                 self.pending_layer = self.store.submit(self.sched[(i + 1) % len(self.sched)])
-            w = layer.weights
-            for k in active:
-                if j == 0:
-                    self._embed(k, step, w)
-                elif j <= L:
-                    self._decoder(j - 1, k, step, w, pipe)
-                else:
-                    x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
-                    _head(self.engine, w, self.mbs[k], x, step, self.max_new, self.params, self.gens.get(k),
-                          self.want_prompt_logprobs)
+            self._apply(j, step, active, layer.weights, pipe)  # block-wide matmuls as in one process
             self.store.release(layer.slot)
 
     def _outputs(self, step: int, g: int, active: list[int]) -> None:

@@ -178,20 +178,23 @@ class BlockRun:
         last = step == max(self.max_new, 1) - 1 and j == nl - 1
         if self.overlap and not last:
             self.pending_layer = self.store.submit((j + 1) % nl)  # next layer streams in while this one runs
-        w = layer.weights
+        self._apply(j, step, active, layer.weights, pipe)
+        self.store.release(layer.slot)
+
+    def _apply(self, j: int, step: int, active: list[int], w, pipe: _PrefixPipeline) -> None:
+        """Scheduling layer j (0: embeddings, 1..L: decoders, L+1: LM head) on the active micro-batches,
+        block-wide where the policy allows (decode decoders; the head unless the prefill wants every
+        position's logprobs)."""
+        L = self.spec.num_layers
         if self.policy.block_matmul and len(active) > 1:
-            if 1 <= j <= self.spec.num_layers and step > 0:
-                self._decoder_block(j - 1, step, active, w, pipe)
-                self.store.release(layer.slot)
-                return
-            if j == nl - 1 and not (step == 0 and self.want_prompt_logprobs):
-                self._head_block(step, active, w)
-                self.store.release(layer.slot)
-                return
+            if 1 <= j <= L and step > 0:
+                return self._decoder_block(j - 1, step, active, w, pipe)
+            if j == L + 1 and not (step == 0 and self.want_prompt_logprobs):
+                return self._head_block(step, active, w)
         for k in active:
             if j == 0:
                 self._embed(k, step, w)
-            elif j <= self.spec.num_layers:
+            elif j <= L:
                 self._decoder(j - 1, k, step, w, pipe)
             else:
                 x = _from_home(self.hidden[k], self.engine.act_home, self.dev)
@@ -199,7 +202,6 @@ class BlockRun:
                 _head(self.engine, w, self.mbs[k], x, step, self.max_new, self.params, self.gens.get(k),
                       self.want_prompt_logprobs)
                 self.timing.head += time.perf_counter() - t0
-        self.store.release(layer.slot)
 
     def _embed(self, k: int, step: int, w) -> None:
         mb = self.mbs[k]
