@@ -340,6 +340,13 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
                    "cd": (base + dev_attn + new * d2h + hw.disk_block_s,
                           moved * (rd_serial + h2d) + hw.disk_sync_s + deq,
                           (moved * h2d + deq) if cpu else 0.0, moved, moved)}
+        if compress_cache and cpu:
+            # a compressed block in memory where attention runs is read in place by one C loop
+            # (kv_cache.attends_in_place; the compiled kernels are assumed built): no fetch, and the
+            # compute thread reads the prefix about as fast as the dequantization loop writes it
+            per["cg"] = (base + deq_all, 0.0, 0.0, 0.0, 0.0)
+            if ccc:
+                per["cc"] = (base + deq_all + new * d2h, 0.0, 0.0, 0.0, 0.0)
         c, busy, copy, h2d_b, rd_b = moves, moves, Lin(), Lin(), Lin()
         for frac, (comp_s, fetch_s, copy_s, hb, rb) in per.items():
             pair = comp_s + fetch_s if share else max(comp_s, fetch_s)  # share: copies on compute cores
