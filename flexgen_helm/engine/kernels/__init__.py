@@ -1,10 +1,13 @@
-"""Small C loops the engine compiles on first use, with the torch-op path as the fallback.
+"""Small C loops the engine compiles on first use, with the torch-op path as the fallback:
+group-wise dequantization (also straight into a transposed view) and quantization, bit-equal to
+compression.py's torch ops, and decode attention read straight from a compressed KV prefix.
 
 The source ships with the package; the shared object is built once per (source, compiler, CPU
 flags) with the system C compiler into a cache directory (FLEXGEN_HELM_KERNEL_DIR, else
 ~/.cache/flexgen-helm/kernels) and called through ctypes, which releases the GIL, so a few Python
 threads split one call across cores. No compiler, a failed build, or FLEXGEN_HELM_NO_KERNELS=1:
-the callers run their torch-op path (same results, slower) after one warning that says so.
+the callers run their torch-op path (same results, slower; for attention: dequantize the prefix,
+then SDPA) after one warning that says so.
 """
 from __future__ import annotations
 
