@@ -85,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 250        # write the checkpoint every this many steps, so a stopped run keeps its work
     val_queries: int = 48        # validation prompts per evaluated task, greedy-decoded at the end
+    init_from: str | None = None  # continue from this checkpoint (its shape and tokenizer), not from scratch
 
     def __post_init__(self) -> None:
         unknown = [t for t, _ in self.task_weights if t not in TASKS]
@@ -242,18 +243,29 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
     pools = build_pools(cfg, log)
     sample = SequenceSampler(pools, cfg.task_weights, cfg.seed)
 
-    log("2/4 tokenizer ...")
-    corpus_rng = random.Random(cfg.seed + 1)
-    corpus = _CORPUS.splitlines() + [
-        training_text(t, corpus_rng.sample(pools[t], num_shots(t) + 1))[0] for t, _ in cfg.task_weights
-        for _ in range(200)]
-    vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, bos=cfg.model.bos, corpus=corpus)
-    tok = AutoTokenizer.from_pretrained(cfg.out_dir)
+    parent: dict = {}
+    if cfg.init_from:
+        log(f"2/4 tokenizer and weights of {cfg.init_from} (training continues from them) ...")
+        with open(os.path.join(cfg.init_from, "train_demo.json")) as f:
+            parent = json.load(f)
+        tok = AutoTokenizer.from_pretrained(cfg.init_from)
+        tok.save_pretrained(cfg.out_dir)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        vocab = model.config.vocab_size
+    else:
+        log("2/4 tokenizer ...")
+        corpus_rng = random.Random(cfg.seed + 1)
+        corpus = _CORPUS.splitlines() + [
+            training_text(t, corpus_rng.sample(pools[t], num_shots(t) + 1))[0] for t, _ in cfg.task_weights
+            for _ in range(200)]
+        vocab = train_tokenizer(cfg.out_dir, cfg.model.vocab_size, bos=cfg.model.bos, corpus=corpus)
+        tok = AutoTokenizer.from_pretrained(cfg.out_dir)
+        model = AutoModelForCausalLM.from_config(cfg.model.hf_config(vocab)).float()
 
     log(f"3/4 training: {cfg.steps} steps x {cfg.batch_size} sequences, {cfg.threads} thread(s) ...")
-    model = AutoModelForCausalLM.from_config(cfg.model.hf_config(vocab)).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"    {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden} wide, vocab {vocab}: "
+    mc = model.config
+    log(f"    {mc.model_type} {mc.num_hidden_layers} layers x {mc.hidden_size} wide, vocab {vocab}: "
         f"{n_params / 1e6:.2f} M params")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -302,7 +314,10 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
                 f"most frequent answer {val[task]['most_frequent']:.3f}, copy last {val[task]['copy_last']:.3f}")
     wall = time.time() - t_start
     with open(os.path.join(cfg.out_dir, "train_demo.json"), "w") as f:
-        json.dump({"config": asdict(cfg) | {"out_dir": None}, "train_seeds": cfg.train_seeds(),
+        # every generator seed any stage of this model trained on (the held-out test checks them all)
+        seeds = sorted(set(cfg.train_seeds()) | set(parent.get("train_seeds", [])))
+        json.dump({"config": asdict(cfg) | {"out_dir": None}, "train_seeds": seeds,
+                   "parent": parent or None,
                    "held_out": "HELM seed 42 valid+test splits", "val_seed": VAL_SEED, "params": n_params,
                    "final_loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
                    "final_answer_loss": sum(answer_losses[-cfg.log_every:]) / len(answer_losses[-cfg.log_every:]),
@@ -329,7 +344,9 @@ def _main(args: argparse.Namespace) -> int:
                           num_kv_heads=args.kv_heads, ffn=args.ffn)
         cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, threads=args.threads, model=shape, task_weights=weights,
-                          seeds_per_task=args.seeds_per_task)
+                          seeds_per_task=args.seeds_per_task, init_from=args.init_from)
+        if args.init_from and not os.path.exists(os.path.join(args.init_from, "train_demo.json")):
+            raise ValueError(f"--init-from {args.init_from}: not a train-demo checkpoint (no train_demo.json)")
     except ValueError as e:
         raise ConfigError(str(e)) from e
     train(cfg, log=lambda *a, **k: print(*a, **{"flush": True, **k}))
@@ -347,6 +364,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=int, default=d.model.num_heads)
     p.add_argument("--kv-heads", type=int, default=d.model.num_kv_heads, help="key/value heads (llama)")
     p.add_argument("--ffn", type=int, default=d.model.ffn)
+    p.add_argument("--init-from", metavar="DIR",
+                   help="continue training this train-demo checkpoint (its shape and tokenizer) instead of a new model")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds-per-task", type=int, default=d.seeds_per_task,
                    help="HELM generator seeds in the training pool (about 11,000 instances each)")

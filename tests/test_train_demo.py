@@ -64,3 +64,22 @@ def test_a_few_steps_lower_the_loss_deterministically(tmp_path, arch):
         assert HELM_SEED not in json.load(f)["train_seeds"]
     again = train(_tiny_cfg(str(tmp_path / "b"), arch), log=lambda *a, **k: None, validate=False)
     assert again.losses == res.losses  # same seed, same threads: same run
+
+
+def test_training_continues_from_a_checkpoint(tmp_path):
+    """--init-from: the second stage starts from the first stage's weights and tokenizer (its loss
+    starts where the first ended, not at a new model's) and records every seed both trained on."""
+    import dataclasses
+    first = train(_tiny_cfg(str(tmp_path / "a")), log=lambda *a, **k: None, validate=False)
+    cfg = dataclasses.replace(_tiny_cfg(str(tmp_path / "b")), init_from=first.out_dir, seed=1, steps=4)
+    second = train(cfg, log=lambda *a, **k: None, validate=False)
+    fresh = train(dataclasses.replace(cfg, init_from=None, out_dir=str(tmp_path / "c")), log=lambda *a, **k: None,
+                  validate=False)
+    assert second.losses[0] < fresh.losses[0] - 0.5
+    with open(os.path.join(second.out_dir, "train_demo.json")) as f:
+        rec = json.load(f)
+    with open(os.path.join(first.out_dir, "train_demo.json")) as f:
+        parent_seeds = json.load(f)["train_seeds"]
+    assert set(parent_seeds) | set(cfg.train_seeds()) == set(rec["train_seeds"]) and rec["parent"]
+    assert open(os.path.join(second.out_dir, "tokenizer.json")).read() == \
+        open(os.path.join(first.out_dir, "tokenizer.json")).read()
