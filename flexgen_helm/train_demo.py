@@ -30,7 +30,7 @@ class DemoModel:
     """Shape of the demo model. "llama" (RoPE, RMSNorm, gated SiLU, GQA, tied embeddings) learns the
     position-matching these tasks need faster than OPT's learned positions; "opt" stays available."""
     arch: str = "llama"
-    num_layers: int = 4
+    num_layers: int = 6
     hidden: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -80,7 +80,7 @@ class TrainConfig:
     task_weights: tuple[tuple[str, float], ...] = (("pattern_match", 0.55), ("srn_easy", 0.45))
     answer_weight: float = 4.0   # loss weight of answer tokens relative to the other tokens
     model: DemoModel = field(default_factory=DemoModel)
-    seeds_per_task: int = 1      # generator seeds (11,000 instances each) in the training pool
+    seeds_per_task: int = 8      # generator seeds (11,000 instances each) in the training pool
     threads: int = 1             # 2 threads on 2 busy cores ran 4x slower than 1
     log_every: int = 10
     save_every: int = 250        # write the checkpoint every this many steps, so a stopped run keeps its work

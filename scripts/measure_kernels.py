@@ -91,9 +91,11 @@ def main() -> None:
     # of 32 (2 x 32 x 32 heads x 64), which the engine quantizes per (layer, micro-batch)
     quant = {}
     kv_row = torch.randn(1, 2, 32, 32, 64)
-    for name, x in (("weight_8192x2048", ws[0].to(torch.bfloat16)), ("kv_row_2x32x32x64", kv_row.to(torch.bfloat16))):
+    kv_cfg = CompressionConfig(group_dim=-1)  # the KV cache groups along head_dim
+    for name, x, qcfg in (("weight_8192x2048", ws[0].to(torch.bfloat16), cfg),
+                          ("kv_row_2x32x32x64", kv_row.to(torch.bfloat16), kv_cfg)):
         reps = args.reps if x.numel() > 1e6 else 20 * args.reps
-        for path, t in both_paths(lambda: C.quantize(x, cfg), reps).items():
+        for path, t in both_paths(lambda: C.quantize(x, qcfg), reps).items():
             quant[f"{path}_{name}_ns_per_value"] = t / x.numel() * 1e9
     print(" ".join(f"{key} {v:.3f}" for key, v in quant.items()), flush=True)
     src, dst = ws[1].to(torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16)

@@ -46,12 +46,12 @@ def engine_gen():
 
 
 def test_shipped_model_has_learned_pattern_match(engine_gen):
-    """A random model scores 0 here; the shipped one answers a third or more of HELM's own test
-    prompts exactly, far above always giving the most frequent answer. (It does not yet clearly beat
-    copying the last listed rule, ~0.4, nor learn the natural-language task: see the README.)"""
+    """A random model scores 0 here; the shipped one answers most of HELM's own test prompts exactly,
+    far above both trivial baselines: the most frequent answer and copying the last listed rule.
+    (It has not learned the natural-language task, synthetic_reasoning_natural: see the README.)"""
     task = "pattern_match"
     train = list(helm_split(task, "train"))
     queries = list(helm_split(task, "test"))[:SAMPLE]
     got = evaluate(engine_gen, task, train[:num_shots(task)], queries)
     base = baselines(task, train, queries)
-    assert got >= 0.25 and got > base["most_frequent"] + 0.2, (got, base)
+    assert got >= 0.7 and got >= base["copy_last"] + 0.25 and got >= base["most_frequent"] + 0.5, (got, base)

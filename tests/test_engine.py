@@ -367,13 +367,13 @@ def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):
     import dataclasses
     spec = spec_from_name("opt-125m")
     kinds = lambda pol: {s.kind for s in layer_layout(spec, 1, 2, pol, cpu_compute=True).slots}  # noqa: E731
-    few = Policy(gpu_batch_size=2, num_gpu_batches=4, compress_weight=True)     # 8 rows per decode matmul
-    many = Policy(gpu_batch_size=16, num_gpu_batches=4, compress_weight=True)   # 64
+    few = Policy(gpu_batch_size=4, num_gpu_batches=4, compress_weight=True)     # 16 rows per decode matmul
+    many = Policy(gpu_batch_size=16, num_gpu_batches=2, compress_weight=True)   # 32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert "int4pack" in kinds(few)
     assert "int4pack" not in kinds(many) and "compressed" in kinds(many)
-    assert "int4pack" not in kinds(dataclasses.replace(few, block_matmul=False, gpu_batch_size=9))
+    assert "int4pack" not in kinds(dataclasses.replace(few, block_matmul=False, gpu_batch_size=17))
     assert "int4pack" in kinds(dataclasses.replace(many, int4_kernel="fused"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert "int4pack" in kinds(many)
