@@ -150,6 +150,7 @@ class Policy:
         flags = [name for name, on in (("cpu-attn", self.cpu_cache_compute),
                                        ("per-mb-matmul", not self.block_matmul and self.num_gpu_batches > 1),
                                        (f"w{self.comp_weight_config.num_bits}", self.compress_weight),
+                                       (f"int4-{self.int4_kernel}", self.compress_weight and self.int4_kernel != "auto"),
                                        (f"kv{self.comp_cache_config.num_bits}", self.compress_cache)) if on]
         return " ".join([f"{self.gpu_batch_size}x{self.num_gpu_batches}", "w", split("w"), "kv", split("cache"),
                          "act", split("act"), *flags])
