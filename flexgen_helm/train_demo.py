@@ -344,7 +344,8 @@ def _main(args: argparse.Namespace) -> int:
                           num_kv_heads=args.kv_heads, ffn=args.ffn)
         cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, threads=args.threads, model=shape, task_weights=weights,
-                          seeds_per_task=args.seeds_per_task, init_from=args.init_from)
+                          seeds_per_task=args.seeds_per_task, init_from=args.init_from,
+                          answer_weight=args.answer_weight)
         if args.init_from and not os.path.exists(os.path.join(args.init_from, "train_demo.json")):
             raise ValueError(f"--init-from {args.init_from}: not a train-demo checkpoint (no train_demo.json)")
     except ValueError as e:
@@ -373,6 +374,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (results depend on it)")
+    p.add_argument("--answer-weight", type=float, default=d.answer_weight,
+                   help="loss weight of answer tokens relative to the other tokens")
     p.add_argument("--task-weights", default=",".join(f"{t}={w}" for t, w in d.task_weights),
                    help=f"share of training sequences per task, TASK=W,... (tasks: {', '.join(TASKS)})")
     p.add_argument("--held-out-text", metavar="FILE",
