@@ -47,6 +47,7 @@ class CacheBlock:
         self.file: DiskFile | None = None
         self.buf: torch.Tensor | None = None  # head-major view (dense in memory)
         self.raw: torch.Tensor | None = None  # uint8 rows (compressed in memory)
+        self._in_place_ok: dict[int, bool] = {}  # attends_in_place, by number of query heads
         if tier == "disk":
             self.file = tiers.disk_file(name, self.nbytes, "KV cache")
         else:
@@ -129,7 +130,13 @@ class CacheBlock:
     # ---- reads -----------------------------------------------------------------------------
     def attends_in_place(self, num_q_heads: int) -> bool:
         """Can decode attention read this block's compressed prefix where it lies (CPU, in memory),
-        with no dequantized copy? (kernels.attend_compressed, when the C loop is built.)"""
+        with no dequantized copy? (kernels.attend_compressed, when the C loop is built.) Fixed for
+        the block's life, and asked per (layer, micro-batch) every step: worked out once."""
+        if num_q_heads not in self._in_place_ok:
+            self._in_place_ok[num_q_heads] = self._can_attend_in_place(num_q_heads)
+        return self._in_place_ok[num_q_heads]
+
+    def _can_attend_in_place(self, num_q_heads: int) -> bool:
         if self.cfg is None or self.raw is None or self.raw.device.type != "cpu" or not self._prefix_aligned():
             return False
         rows, heads, d = self.shape[1], self.shape[2], self.shape[4]
