@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--int4-kernel", choices=("auto", "fused", "dequantize"), default="auto",
-                   help="4-bit weights on a bf16 CPU: torch's fused kernel, or dequantize at load for dense "
-                        "matmuls (auto: by rows per decode matmul)")
+                   help="4-bit weights on a CPU: multiply them without a dequantized copy (bf16: torch's fused "
+                        "kernel; fp32: the compiled loop), or dequantize at load for dense matmuls (auto: by "
+                        "rows per decode matmul)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
@@ -190,10 +191,11 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     h = spec.hidden
 
     w = torch.randn(4 * h, h, dtype=eng.dtype)
-    fused = any(s.kind == "int4pack" for lay in store.layouts for s in lay.slots)
-    if fused:  # 4-bit weights multiplied by the fused CPU kernel: its rate counts too
-        from .engine.compression import Int4Weight
-        w4 = Int4Weight.from_dense(w, pol.comp_weight_config, eng.dtype)
+    fused = {s.kind for lay in store.layouts for s in lay.slots} & {"int4pack", "int4"}
+    if fused:  # 4-bit weights multiplied by a fused CPU kernel: its rate counts too
+        from .engine.compression import GroupInt4Weight, Int4Weight
+        cls = Int4Weight if "int4pack" in fused else GroupInt4Weight
+        w4 = cls.from_dense(w, pol.comp_weight_config, eng.dtype)
 
     def mm_rate(rows: int, fn) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
         a = torch.randn(rows, h, dtype=eng.dtype)

@@ -472,3 +472,33 @@ def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(re
                 continue
             assert got is not None and got.dtype == dt and got.shape == want.shape
             assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (B, H, Hq, D, n, dt)
+
+
+def test_compiled_int4_matmul_equals_dequantize_then_matmul(monkeypatch):
+    """x @ w.T read straight from 4-bit codes: row counts around the 4-row tiles, groups of 64 and
+    128, fp32 and bf16 activations, leading batch axes, a call split over threads; and the same
+    answer through the dequantizing fallback."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("no C compiler here: only the dequantizing path exists")
+    torch.manual_seed(3)
+    for (n, k), gs in (((256, 384), 64), ((48, 256), 128), ((4096, 512), 64)):
+        cfg = CompressionConfig(num_bits=4, group_size=gs, group_dim=1)
+        w = torch.randn(n, k) * torch.logspace(-3, 1, k)
+        wq = C.GroupInt4Weight.from_dense(w, cfg, torch.float32)
+        ref_w = C.dequantize(wq.packed, wq.meta, (n, k), cfg, torch.float32)
+        for rows in (1, 2, 3, 4, 5, 8, 9):
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, k).to(dt)
+                want = x.float() @ ref_w.T
+                got = wq.matmul(x)
+                assert got.dtype == dt and got.shape == (rows, n)
+                tol = 1e-4 if dt == torch.float32 else 1e-2
+                assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item()), (n, k, rows)
+        x3 = torch.randn(2, 3, k)
+        assert torch.allclose(wq.matmul(x3), x3 @ ref_w.T, rtol=1e-4, atol=1e-3)
+        slow = _without_kernels(monkeypatch, lambda: wq.matmul(x3))
+        assert torch.allclose(slow, x3 @ ref_w.T, rtol=1e-4, atol=1e-3)
+    assert not C.GroupInt4Weight.ok((64, 96), CompressionConfig(group_dim=1))       # K not a multiple of 128
+    assert not C.GroupInt4Weight.ok((64, 128), CompressionConfig(group_dim=1, group_size=32))
+    assert not C.GroupInt4Weight.ok((64, 128), CompressionConfig(group_dim=1, symmetric=True))

@@ -352,13 +352,23 @@ def test_cpu_default_dtype_follows_hardware_bf16(monkeypatch):
     assert default_dtype("cpu") == "bfloat16"
 
 
-def test_fp32_compute_dequantizes_4bit_weights_instead_of_the_fused_kernel():
-    """The fused CPU kernel runs a scalar path on fp32 activations: fp32 layouts dequantize."""
+def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkeypatch):
+    """torch's fused CPU kernel runs a scalar path on fp32 activations: fp32 layouts keep 4-bit
+    weights in the compressed format for the compiled loop ("int4") where a decode matmul has few
+    rows, dequantize where it has many, and always without a C compiler."""
+    import dataclasses
+
+    from flexgen_helm.engine import kernels
     spec = spec_from_name("opt-125m")
     pol = Policy(compress_weight=True)
-    kinds = lambda es: {s.kind for s in layer_layout(spec, 1, es, pol, cpu_compute=True).slots}  # noqa: E731
+    kinds = lambda es, p=pol: {s.kind for s in layer_layout(spec, 1, es, p, cpu_compute=True).slots}  # noqa: E731
     assert "int4pack" in kinds(2)
-    assert "int4pack" not in kinds(4) and "compressed" in kinds(4)
+    if kernels.available():
+        assert kinds(4) == {"int4", "dense"}
+    many = dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=2)
+    assert "int4" not in kinds(4, many) and "compressed" in kinds(4, many)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert "int4" not in kinds(4) and "int4pack" not in kinds(4) and "compressed" in kinds(4)
 
 
 def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):

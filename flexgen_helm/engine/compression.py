@@ -434,6 +434,39 @@ class Int4Weight:
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class GroupInt4Weight:
+    """A 4-bit (out, in) weight in this module's own [packed | meta] format (groups along in),
+    multiplied where it lies by the compiled loop (kernels.int4_matmul): the fused path for fp32
+    activations, where torch's fused kernel takes a scalar path. The format is the same on every
+    CPU, so nothing is repacked. Without the compiled loop it dequantizes per call (slow, correct)."""
+
+    def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
+        self.shape, self.cfg, self.dtype = tuple(shape), cfg, dtype
+        pb = packed_nbytes(self.shape, cfg)
+        self.packed = buf[:pb]
+        self.meta = buf[pb:pb + _META_BYTES * meta_numel(self.shape, cfg)].view(META_DTYPE)
+
+    @staticmethod
+    def ok(shape, cfg: CompressionConfig) -> bool:
+        return (len(shape) == 2 and cfg.num_bits == 4 and not cfg.symmetric and cfg.group_dim in (1, -1)
+                and kernels.int4_matmul_ok(shape, cfg.group_size))
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype) -> "GroupInt4Weight":
+        return cls(to_buffer(w, cfg), tuple(w.shape), cfg, dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> x @ w.T (..., out) in x's dtype."""
+        n, k = self.shape
+        y = kernels.int4_matmul(self.packed, self.meta, x, n, k, self.cfg.group_size)
+        if y is None:
+            y = x @ dequantize(self.packed, self.meta, self.shape, self.cfg, x.dtype).T
+        return y
+
+
+FUSED_INT4 = (Int4Weight, GroupInt4Weight)  # weights multiplied without a dequantized copy
+
+
 class RowQuantizedTable:
     """A compressed embedding table grouped along its rows (group_dim 1): a lookup dequantizes only
     the rows asked for, instead of the whole table at every load (the 50K-256K-row token tables

@@ -90,9 +90,10 @@ class Policy:
     compress_cache: bool = False
     comp_cache_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))
-    # 4-bit weights on a CPU compute device in bf16: "fused" multiplies them in torch's fused 4-bit
-    # kernel, "dequantize" expands them at load for dense matmuls, "auto" picks by rows per decode
-    # matmul (placement.uses_fused_int4)
+    # 4-bit weights on a CPU compute device: "fused" multiplies them without a dequantized copy
+    # (bf16: torch's fused 4-bit kernel; fp32: the compiled loop, kernels.int4_matmul), "dequantize"
+    # expands them at load for dense matmuls, "auto" picks by rows per decode matmul
+    # (placement.uses_fused_int4)
     int4_kernel: str = "auto"
 
     def __post_init__(self) -> None:

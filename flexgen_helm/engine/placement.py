@@ -60,26 +60,32 @@ FUSED_INT4_MAX_ROWS = 16
 
 
 def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
-    """Are 4-bit linear weights multiplied by torch's fused CPU kernel (else dequantized at load)?
-    Only with bf16 activations on a CPU: with fp32 that kernel takes a scalar path (measured 1
-    GFLOP/s vs 12-30 in bf16 on AVX2). "auto": always where bf16 is emulated (the fused kernel
-    beats emulated dense bf16 at every row count, measured on AVX2), else while a decode matmul
-    has at most FUSED_INT4_MAX_ROWS rows (the prefill's many rows pay the fused rate too, but a
-    block's decode steps outnumber it)."""
-    if not (cpu_compute and dtype_bytes == 2 and policy.compress_weight):
+    """Are 4-bit linear weights multiplied without a dequantized copy (else dequantized at load)?
+    Only on a CPU compute tier: with bf16 activations by torch's fused kernel, with fp32 ones by the
+    compiled loop (kernels.int4_matmul; torch's kernel takes a scalar path in fp32, measured 1
+    GFLOP/s vs 12-30 in bf16 on AVX2), so fp32 needs the C compiler. "auto": always where bf16 is
+    emulated (the fused kernel beats emulated dense bf16 at every row count, measured on AVX2), else
+    while a decode matmul has at most FUSED_INT4_MAX_ROWS rows (the prefill's many rows pay the
+    fused rate too, but a block's decode steps outnumber it)."""
+    if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):
         return False
+    if dtype_bytes == 4:
+        from . import kernels
+        if not kernels.available():
+            return False
     if policy.int4_kernel != "auto":
         return policy.int4_kernel == "fused"
     from .config import cpu_has_fast_bf16
-    if not cpu_has_fast_bf16():
+    if dtype_bytes == 2 and not cpu_has_fast_bf16():
         return True
     rows = policy.gpu_batch_size * (policy.num_gpu_batches if policy.block_matmul else 1)
     return rows <= FUSED_INT4_MAX_ROWS
 
 
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
-    """Slots of scheduling layer j. 4-bit linear weights multiplied by the fused CPU kernel
-    (uses_fused_int4) are stored in its layout (kind "int4pack": never dequantized) where their
+    """Slots of scheduling layer j. 4-bit linear weights multiplied by a fused CPU kernel
+    (uses_fused_int4) are never dequantized: in bf16 they are stored in torch's layout (kind
+    "int4pack"), in fp32 in the compressed format the compiled loop reads ("int4"), where their
     shape allows; other compressed weights are dequantized at load ("compressed")."""
     from . import compression
     slots, off, dense = [], 0, 0
@@ -89,10 +95,15 @@ def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes
         dense += n
-        if (policy.compress_weight and fused and ref.role.split(".")[0] not in EMBEDDING_ROLES
+        if (policy.compress_weight and fused and dtype_bytes == 2 and ref.role.split(".")[0] not in EMBEDDING_ROLES
                 and compression.int4pack_ok(shape, cfg)):
             nb = compression.int4pack_nbytes(shape, cfg, dtype_bytes)
             slots.append(Slot(ref.role, ref.name, shape, "int4pack", off, nb))
+            off = align_up(off + nb, TENSOR_ALIGN)
+        elif (policy.compress_weight and fused and dtype_bytes == 4 and ref.role.split(".")[0] not in EMBEDDING_ROLES
+              and compression.GroupInt4Weight.ok(shape, cfg)):
+            nb = compression.compressed_nbytes(shape, cfg)  # [packed | meta], read in place
+            slots.append(Slot(ref.role, ref.name, shape, "int4", off, nb))
             off = align_up(off + nb, TENSOR_ALIGN)
         elif policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer

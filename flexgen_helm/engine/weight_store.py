@@ -134,7 +134,7 @@ class WeightStore:
             elif slot.kind == "int4pack":
                 from . import compression
                 compression.to_int4pack(t, self.policy.comp_weight_config, self.dtype, dst)
-            else:  # "compressed" and "rows" share the [packed | meta] format
+            else:  # "compressed", "rows" and "int4" share the [packed | meta] format
                 from . import compression
                 compression.to_buffer(t, self.policy.comp_weight_config, out=dst)
         return flat
@@ -192,10 +192,11 @@ class WeightStore:
                     out[s.role] = RowQuantizedTable(buf[s.offset:s.offset + s.nbytes], s.shape,
                                                     self.policy.comp_weight_config, self.dtype)
                     continue
-                if s.kind == "int4pack":  # multiplied in place by the fused kernel: nothing to do now
-                    from .compression import Int4Weight
-                    out[s.role] = Int4Weight(buf[s.offset:s.offset + s.nbytes], s.shape,
-                                             self.policy.comp_weight_config, self.dtype)
+                if s.kind in ("int4pack", "int4"):  # multiplied in place by a fused kernel: nothing to do now
+                    from .compression import GroupInt4Weight, Int4Weight
+                    cls = Int4Weight if s.kind == "int4pack" else GroupInt4Weight
+                    out[s.role] = cls(buf[s.offset:s.offset + s.nbytes], s.shape, self.policy.comp_weight_config,
+                                      self.dtype)
                     continue
                 # compressed: dequantized once per layer per step, shared by every micro-batch
                 from . import compression

@@ -202,10 +202,10 @@ def _may_fit(model: BlockModel, limits: dict[str, float | None]) -> bool:
 
 def _variants(hw: HardwareProfile, allow_compression: bool, dtype_bytes: int = 2) -> list[tuple[bool, bool, bool, str]]:
     """(cpu_cache_compute, compress_weight, compress_cache, int4_kernel) combinations to try. With
-    4-bit weights on a bf16 CPU whose profile has the fused kernel's curve, both kernels are tried:
+    4-bit weights on a CPU whose profile has the fused kernel's curve, both kernels are tried:
     the model charges one at that curve and the other at dense matmul + dequantization rates."""
     out = []
-    both = hw.device == "cpu" and dtype_bytes == 2 and hw.int4_rate(1) is not None
+    both = hw.device == "cpu" and dtype_bytes in (2, 4) and hw.int4_rate(1) is not None
     for cw in ((False, True) if allow_compression else (False,)):
         for cc in ((False, True) if allow_compression else (False,)):
             for ccc in (False, True):

@@ -67,7 +67,13 @@ def _build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".groupquant-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        # OpenMP where the compiler has it: the process then holds one libgomp (torch's, same
+        # soname), so the kernels' threads are torch's own; without it, Python threads (_split)
+        for extra in (["-fopenmp"], []):
+            proc = subprocess.run([cc, *_FLAGS, *extra, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip()[-500:] or f"{cc} exited {proc.returncode}")
         os.replace(tmp, path)
@@ -101,6 +107,9 @@ def _library():
     lib.fg_attend_compressed.restype = c_int
     lib.fg_attend_compressed.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr, ptr,
                                          ptr, ptr, ptr, c_int, ctypes.c_float, i64, i64]
+    lib.fg_int4_matmul.restype = c_int
+    lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
+    lib.fg_openmp.restype = c_int
     return lib
 
 
@@ -191,8 +200,9 @@ def attend_compressed_ok(B: int, H: int, Hq: int, D: int, block_codes: int, grou
 
 def _split(call, num_codes: int, unit: int, work: int | None = None) -> bool:
     """call(begin, end) over [0, num_codes), in one piece per thread (cut at multiples of `unit`) when
-    the work (values touched; default num_codes) is big enough: each piece runs in a pool thread
-    (ctypes drops the GIL)."""
+    the work (values touched; default num_codes) is big enough: the first piece runs on the calling
+    thread, the others in pool threads (ctypes drops the GIL). Speed: one hand-off fewer per call,
+    which counts for sub-millisecond calls (a decode step's 4-bit matmuls)."""
     import torch
     threads = max(1, torch.get_num_threads())
     if (num_codes if work is None else work) < _MIN_PARALLEL or threads == 1 or num_codes < 2 * unit:
@@ -204,4 +214,36 @@ def _split(call, num_codes: int, unit: int, work: int | None = None) -> bool:
         if _pool is None or _pool._max_workers < len(bounds):
             _pool = ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="fg-quant")
         pool = _pool
-    return all(r == 0 for r in pool.map(lambda be: call(*be), bounds))
+    rest = [pool.submit(call, *be) for be in bounds[1:]]
+    first = call(*bounds[0])
+    return all([first == 0] + [f.result() == 0 for f in rest])
+
+
+def int4_matmul_ok(shape, group: int) -> bool:
+    """Weights int4_matmul takes: (N, K) with K a multiple of 128 and groups a multiple of 64 along K."""
+    n, k = shape
+    return k % 128 == 0 and group % 64 == 0 and k % group == 0
+
+
+def int4_matmul(packed, meta, x, n: int, k: int, group: int):
+    """x (..., K) @ w.T for a 4-bit asymmetric (N, K) weight in compression.py's format (groups of
+    `group` along K): the C loop reads the codes where they lie, never a dequantized copy. Returns
+    (..., N) in x's dtype (fp32 accumulation), or None when it cannot (the caller dequantizes)."""
+    import torch
+    lib = _library()
+    if lib is None or x.device.type != "cpu" or not int4_matmul_ok((n, k), group) or x.shape[-1] != k:
+        return None
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()  # bf16 rows widened once, not per weight
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+
+    threads = max(1, torch.get_num_threads())
+    if lib.fg_openmp():  # split inside, on torch's OpenMP pool
+        ok = lib.fg_int4_matmul(packed.data_ptr(), meta.data_ptr(), x2.data_ptr(), y.data_ptr(), m, k, n, group,
+                                0, n, threads) == 0
+    else:
+        ok = _split(lambda b, e: lib.fg_int4_matmul(packed.data_ptr(), meta.data_ptr(), x2.data_ptr(), y.data_ptr(),
+                                                    m, k, n, group, b, e, 1), n, 16, work=m * n * k)
+    if not ok:
+        return None
+    return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -334,6 +334,44 @@ static inline void codes64(const uint8_t *packed, int64_t c, float *out) {
     for (int t = 0; t < 64; t++) out[t] = (float)((src[t] >> shift) & 15);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* codes64 into 8 registers (no store), and the two uses of a group of 64 codes in attention:
+ * q . codes and dst += a * codes. Speed: the scalar loops through a float buffer cost ~0.33 ns per
+ * cached value on an AVX2 core, more than a dense cache's SDPA. */
+static inline void codes64_v(const uint8_t *packed, int64_t c, __m256 out[8]) {
+    const uint8_t *src = packed + (c >> 7) * 64;
+    if ((c >> 6) & 1) {
+        for (int j = 0; j < 8; j++)
+            out[j] = _mm256_cvtepi32_ps(_mm256_srli_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j))), 4));
+    } else {
+        const __m256i m15 = _mm256_set1_epi32(15);
+        for (int j = 0; j < 8; j++)
+            out[j] = _mm256_cvtepi32_ps(_mm256_and_si256(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j))), m15));
+    }
+}
+
+static inline float dot64_v(const float *q, const __m256 c[8]) {
+    __m256 a0 = _mm256_mul_ps(c[0], _mm256_loadu_ps(q)), a1 = _mm256_mul_ps(c[1], _mm256_loadu_ps(q + 8));
+    for (int j = 2; j < 8; j += 2) {
+        a0 = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(q + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(c[j + 1], _mm256_loadu_ps(q + 8 * j + 8), a1);
+    }
+    __m256 s = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static inline void axpy64_v(float *dst, float a, const __m256 c[8]) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (int j = 0; j < 8; j++) _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(c[j], av, _mm256_loadu_ps(dst + 8 * j)));
+}
+#define FG_ATTEND_V 1
+#endif
+
 /* One decode step of attention for the (batch row, KV head) pairs [p_begin, p_end) of B x H, every
  * query head of a pair's group at once (GQA: Hq = H x gq). The cache holds positions [0, n) of an
  * (n, 2, B, H, D) tensor in compression.py's packed format; the new token's key and value (B, H, D)
@@ -387,8 +425,8 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                 const void *src = part ? new_v : new_k;
                 for (int64_t t = 0; t < P * D; t++) kv[t] = load_one(src, kind, p_begin * D + t);
             }
-            for (int64_t p = 0; p < P; p++) {
-                int64_t bi = (p_begin + p) / H;
+            int64_t bi = p_begin / H, hh = p_begin % H;  /* batch row of pair p: no division per pair */
+            for (int64_t p = 0; p < P; p++, hh = hh + 1 == H ? (bi++, 0) : hh + 1) {
                 int ok = allowed[bi * (n + 1) + i];
                 if (!ok) {
                     if (part == 0)
@@ -401,11 +439,28 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                     const float *v = kv + p * D;
                     if (direct) {  /* one group of 64 codes and its (lo, step) */
                         int64_t c = c0 + p * D + r * 64;
-                        codes64(packed, c, codes);
                         const uint16_t *m = meta + (c / 64) * (symmetric ? 1 : 2);
                         step = half_to_float(symmetric ? m[0] : m[1]);
                         lo = symmetric ? -offset * step : half_to_float(m[0]);
+#ifdef FG_ATTEND_V
+                        __m256 cv[8];
+                        codes64_v(packed, c, cv);
+                        for (int64_t g = 0; g < gq; g++) {
+                            int64_t w = p * gq + g;
+                            if (part == 0) {
+                                float sc = step * dot64_v(qv + w * D + r * 64, cv) + lo * qsum[w * G + r];
+                                scores[w * (n + 1) + i] = (r ? scores[w * (n + 1) + i] : 0.0f) + sc;
+                            } else {
+                                float pw = scores[w * (n + 1) + i];
+                                axpy64_v(acc + w * D + r * 64, pw * step, cv);
+                                cst[w * G + r] += pw * lo;
+                            }
+                        }
+                        continue;
+#else
+                        codes64(packed, c, codes);
                         v = codes;
+#endif
                     }
                     const int64_t len = direct ? 64 : D, off = direct ? r * 64 : 0;
                     for (int64_t g = 0; g < gq; g++) {
@@ -448,4 +503,120 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
         }
     free(qv);
     return 0;
+}
+
+/* ---- y = x @ w.T straight from 4-bit weights ---------------------------------------------------
+ * w (N, K): 4-bit asymmetric codes of compression.py's format with groups of `group` (a multiple of
+ * 64) along K, K a multiple of 128, so row n owns the K / 2 bytes at packed + n K / 2 and its
+ * (lo, step) pairs at meta + 2 n K / group. x (M, K) fp32, y (M, N) fp32 with row stride ldy; this
+ * call computes output columns [n_begin, n_end).
+ * Speed: a decode step multiplies 1-16 rows by each weight, where the matmul is bound by reading
+ * the weights; torch's fused CPU kernel runs ~11 G weights/s on 2 AVX2 cores at one row, about
+ * what dense bf16 reaches from memory. Here each weight is read once as a nibble, widened and
+ * dequantized in registers (w = q * step + lo, one multiply-add per 8 weights, shared by all rows)
+ * and multiplied into up to 4 rows of x at once; independent accumulators per row hide the
+ * multiply-add latency. fp32 throughout: activations in bf16 are widened once per call. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void int4_row_tile(
+        const uint8_t *prow, const float *mrow, const float *x, int64_t K, int mr, float *out) {
+    const __m256i m15 = _mm256_set1_epi32(15);
+    const int na = mr <= 2 ? 4 : 2;  /* accumulators per row: enough independent chains to hide latency */
+    __m256 acc[4][4];
+    for (int r = 0; r < mr; r++)
+        for (int a = 0; a < na; a++) acc[r][a] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {  /* one 64-byte block: codes k0.. (low), k0 + 64.. (high) */
+        const uint8_t *blk = prow + k0 / 2;
+        const float *mA = mrow + k0 / 32, *mB = mA + 2;  /* (lo, step) of codes k0.. and k0 + 64.. */
+        const __m256 loA = _mm256_set1_ps(mA[0]), stA = _mm256_set1_ps(mA[1]);
+        const __m256 loB = _mm256_set1_ps(mB[0]), stB = _mm256_set1_ps(mB[1]);
+        for (int j = 0; j < 64; j += 16)
+            for (int h = 0; h < 2; h++) {  /* two 8-code steps, into separate accumulators when na == 4 */
+                const int a = na == 4 ? 2 * h : 0;
+                __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j + 8 * h)));
+                __m256 wa = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, m15)), stA, loA);
+                __m256 wb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), stB, loB);
+                const float *xa = x + k0 + j + 8 * h;
+                for (int r = 0; r < mr; r++) {
+                    acc[r][a] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xa + r * K), acc[r][a]);
+                    acc[r][a + 1] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xa + r * K + 64), acc[r][a + 1]);
+                }
+            }
+    }
+    for (int r = 0; r < mr; r++) {
+        __m256 s = _mm256_add_ps(acc[r][0], acc[r][1]);
+        if (na == 4) s = _mm256_add_ps(s, _mm256_add_ps(acc[r][2], acc[r][3]));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = _mm_cvtss_f32(h);
+    }
+}
+#else
+static inline void int4_row_tile(const uint8_t *prow, const float *mrow, const float *x, int64_t K, int mr,
+                                 float *out) {
+    for (int r = 0; r < mr; r++) {
+        float acc[16] = {0};  /* independent lanes, as in dot() */
+        for (int64_t k0 = 0; k0 < K; k0 += 128) {
+            const uint8_t *blk = prow + k0 / 2;
+            const float *mA = mrow + k0 / 32, *mB = mA + 2;
+            for (int j = 0; j < 64; j++) {
+                float wa = (float)(blk[j] & 15) * mA[1] + mA[0];
+                float wb = (float)(blk[j] >> 4) * mB[1] + mB[0];
+                acc[j & 15] += wa * x[r * K + k0 + j] + wb * x[r * K + k0 + 64 + j];
+            }
+        }
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += acc[l];
+        out[r] = s;
+    }
+}
+#endif
+
+int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, float *y, int64_t M, int64_t K,
+                   int64_t ldy, int64_t group, int64_t n_begin, int64_t n_end, int threads) {
+    if (K % 128 || group % 64 || K % group || M < 1) return -1;
+    const int64_t G = K / group, per = group / 64;
+    int failed = 0;
+    /* Speed: OpenMP, so the work runs on torch's own thread pool (the process has one libgomp:
+     * torch's) instead of Python threads that would contend with its idle-spinning workers. */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
+#endif
+    {
+        float *mrow = malloc(sizeof(float) * (size_t)(K / 32));  /* (lo, step) per 64 codes, as fp32 */
+        if (!mrow) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t n = n_begin; n < n_end; n++) {
+            if (!mrow) continue;
+            const uint8_t *prow = packed + n * (K / 2);
+            for (int64_t g = 0, h = 0; g < G; g++)  /* no division in the inner loops */
+                for (int64_t t = 0; t < per; t++, h++) {
+                    mrow[2 * h] = half_to_float(meta[(n * G + g) * 2]);
+                    mrow[2 * h + 1] = half_to_float(meta[(n * G + g) * 2 + 1]);
+                }
+            for (int64_t m = 0; m < M; m += 4) {  /* the row's codes stay in L1 across row tiles */
+                float out[4];
+                const int64_t mr = M - m < 4 ? M - m : 4;
+                switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+                    case 1: int4_row_tile(prow, mrow, x + m * K, K, 1, out); break;
+                    case 2: int4_row_tile(prow, mrow, x + m * K, K, 2, out); break;
+                    case 3: int4_row_tile(prow, mrow, x + m * K, K, 3, out); break;
+                    default: int4_row_tile(prow, mrow, x + m * K, K, 4, out); break;
+                }
+                for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
+            }
+        }
+        free(mrow);
+    }
+    return failed ? -1 : 0;
+}
+
+int fg_openmp(void) {  /* 1 when built with OpenMP (fg_int4_matmul splits its own work) */
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
