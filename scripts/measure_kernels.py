@@ -1,7 +1,8 @@
 """Kernel figures behind the engine's CPU choices (issue: compute-side speed), in one JSON.
 
-Per row count: dense matmul in bf16 and fp32 and torch's fused 4-bit matmul (bf16 activations, the
-engine's `int4pack` slots) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
+Per row count: dense matmul in bf16 and fp32, torch's fused 4-bit matmul (bf16 activations, the
+engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 activations, the engine's `int4`
+slots, when a C compiler is there) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row.
@@ -47,6 +48,7 @@ def main() -> None:
     ws = [torch.randn(n, k) for _ in range(3)]
     dense = {dt: [w.to(dt) for w in ws] for dt in (torch.bfloat16, torch.float32)}
     int4 = [C.Int4Weight.from_dense(w, cfg, torch.bfloat16) for w in ws]
+    own4 = [C.GroupInt4Weight.from_dense(w, cfg, torch.float32) for w in ws] if kernels.available() else []
     rows_out = []
     for rows in (1, 4, 8, 16, 32, 64, 256):
         flops = 2 * rows * n * k
@@ -64,6 +66,13 @@ def main() -> None:
             it[0] += 1
             return int4[it[0] % 3].matmul(x)
         row["int4_fused_bf16_gflops"] = flops / _median_s(mm4, args.reps) / 1e9
+        if own4:
+            xf = torch.randn(rows, k)
+
+            def mm4c(x=xf, it=it):
+                it[0] += 1
+                return own4[it[0] % 3].matmul(x)
+            row["int4_compiled_fp32_gflops"] = flops / _median_s(mm4c, args.reps) / 1e9
         rows_out.append(row)
         print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)
 

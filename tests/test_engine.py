@@ -354,8 +354,8 @@ def test_cpu_default_dtype_follows_hardware_bf16(monkeypatch):
 
 def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkeypatch):
     """torch's fused CPU kernel runs a scalar path on fp32 activations: fp32 layouts keep 4-bit
-    weights in the compressed format for the compiled loop ("int4") where a decode matmul has few
-    rows, dequantize where it has many, and always without a C compiler."""
+    weights in the compressed format for the compiled loop ("int4") where a decode matmul has up to
+    32 rows, dequantize where it has more, and always without a C compiler."""
     import dataclasses
 
     from flexgen_helm.engine import kernels
@@ -365,7 +365,8 @@ def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkey
     assert "int4pack" in kinds(2)
     if kernels.available():
         assert kinds(4) == {"int4", "dense"}
-    many = dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=2)
+    assert "int4" in kinds(4, dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=2)) or not kernels.available()
+    many = dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=4)   # 64 rows per decode matmul
     assert "int4" not in kinds(4, many) and "compressed" in kinds(4, many)
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert "int4" not in kinds(4) and "int4pack" not in kinds(4) and "compressed" in kinds(4)

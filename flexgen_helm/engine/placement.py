@@ -56,7 +56,11 @@ def _round_to(x: float, a: int) -> int:
 # but dequantizing every weight each step (0.2-0.5 ns per value, in the engine's I/O threads on the
 # same cores) costs more than that half at 16 rows (opt-1.3b in memory, batch 16: fused ~0.22 s per
 # decode step, dequantize + dense 0.64 s); from 32 rows dense wins, at 256 rows ~5x.
-FUSED_INT4_MAX_ROWS = 16
+# fp32 (the compiled 4-bit multiply against dequantize + dense fp32), measured on a 2-core AVX2
+# EPYC, opt-1.3b in memory: decode 16.9 vs 5.1 tok/s at 16 rows and 18.3 vs 9.0 at 32; the kernel
+# figures (~55 GFLOP/s flat vs dense fp32 82 at 64 rows plus 0.26 ns per weight dequantized) put
+# the crossover near 50 rows.
+FUSED_INT4_MAX_ROWS = {2: 16, 4: 32}  # by compute dtype bytes
 
 
 def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
@@ -65,7 +69,7 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     compiled loop (kernels.int4_matmul; torch's kernel takes a scalar path in fp32, measured 1
     GFLOP/s vs 12-30 in bf16 on AVX2), so fp32 needs the C compiler. "auto": always where bf16 is
     emulated (the fused kernel beats emulated dense bf16 at every row count, measured on AVX2), else
-    while a decode matmul has at most FUSED_INT4_MAX_ROWS rows (the prefill's many rows pay the
+    while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):
         return False
@@ -79,7 +83,7 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     if dtype_bytes == 2 and not cpu_has_fast_bf16():
         return True
     rows = policy.gpu_batch_size * (policy.num_gpu_batches if policy.block_matmul else 1)
-    return rows <= FUSED_INT4_MAX_ROWS
+    return rows <= FUSED_INT4_MAX_ROWS[dtype_bytes]
 
 
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
