@@ -99,6 +99,9 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     for f in ("sched_overhead_s", "disk_block_s"):
         assert getattr(p, f) >= 0, f
     assert len(p.mm_curve) >= 5
+    from flexgen_helm.engine import kernels
+    if kernels.available():  # fp32: the compiled 4-bit multiply's curve (the engine's fp32 fused path)
+        assert p.int4_curve and all(rate > 0 for _, rate in p.int4_curve)
     assert set(p.layer_curves) == {64, 128} and set(p.head_curves) == {64, 128}
     assert p.layer_rate(8, opt_probe_spec(128)) > 0 and p.head_rate(4, opt_probe_spec(64)) > 0
     p.to_json(str(tmp_path / "cache" / "x.json"))
