@@ -191,11 +191,10 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     h = spec.hidden
 
     w = torch.randn(4 * h, h, dtype=eng.dtype)
-    fused = {s.kind for lay in store.layouts for s in lay.slots} & {"int4pack", "int4"}
+    from .engine.compression import FUSED_INT4_KINDS
+    fused = [FUSED_INT4_KINDS[s.kind] for lay in store.layouts for s in lay.slots if s.kind in FUSED_INT4_KINDS]
     if fused:  # 4-bit weights multiplied by a fused CPU kernel: its rate counts too
-        from .engine.compression import GroupInt4Weight, Int4Weight
-        cls = Int4Weight if "int4pack" in fused else GroupInt4Weight
-        w4 = cls.from_dense(w, pol.comp_weight_config, eng.dtype)
+        w4 = fused[0].from_dense(w, pol.comp_weight_config, eng.dtype)
 
     def mm_rate(rows: int, fn) -> float:  # FLOP/s of an (rows x h) @ (h x 4h) product, best of a few
         a = torch.randn(rows, h, dtype=eng.dtype)

@@ -410,6 +410,10 @@ def to_int4pack(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out
 
 class Int4Weight:
     """A 4-bit (out, in) weight in the fused kernel's layout, viewed over a staging buffer."""
+    kind = "int4pack"  # placement slot kind
+    ok = staticmethod(int4pack_ok)
+    nbytes = staticmethod(int4pack_nbytes)
+    write = staticmethod(to_int4pack)  # (x, cfg, dtype, out): quantize into a slot
 
     def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
         self.out_features, self.in_features = shape
@@ -439,6 +443,7 @@ class GroupInt4Weight:
     multiplied where it lies by the compiled loop (kernels.int4_matmul): the fused path for fp32
     activations, where torch's fused kernel takes a scalar path. The format is the same on every
     CPU, so nothing is repacked. Without the compiled loop it dequantizes per call (slow, correct)."""
+    kind = "int4"  # placement slot kind
 
     def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
         self.shape, self.cfg, self.dtype = tuple(shape), cfg, dtype
@@ -450,6 +455,14 @@ class GroupInt4Weight:
     def ok(shape, cfg: CompressionConfig) -> bool:
         return (len(shape) == 2 and cfg.num_bits == 4 and not cfg.symmetric and cfg.group_dim in (1, -1)
                 and kernels.int4_matmul_ok(shape, cfg.group_size))
+
+    @staticmethod
+    def nbytes(shape, cfg: CompressionConfig, dtype_bytes: int) -> int:
+        return compressed_nbytes(shape, cfg)
+
+    @staticmethod
+    def write(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out: torch.Tensor) -> None:
+        to_buffer(x, cfg, out=out)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype) -> "GroupInt4Weight":
@@ -464,7 +477,11 @@ class GroupInt4Weight:
         return y
 
 
-FUSED_INT4 = (Int4Weight, GroupInt4Weight)  # weights multiplied without a dequantized copy
+# 4-bit weights multiplied without a dequantized copy, by compute dtype bytes (bf16: torch's fused
+# kernel; fp32: the compiled loop); the one place that pairs a dtype with its fused kernel
+FUSED_INT4 = {2: Int4Weight, 4: GroupInt4Weight}
+FUSED_INT4_KINDS = {cls.kind: cls for cls in FUSED_INT4.values()}
+FUSED_INT4_TYPES = tuple(FUSED_INT4.values())
 
 
 class RowQuantizedTable:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .compression import FUSED_INT4, RowQuantizedTable
+from .compression import FUSED_INT4_TYPES, RowQuantizedTable
 from .model_spec import ModelSpec
 from .rope import apply_rotary
 
@@ -38,7 +38,7 @@ def norm(w: Weights, role: str, x: torch.Tensor, spec: ModelSpec) -> torch.Tenso
 
 def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
     weight, bias = w[role + ".weight"], w.get(role + ".bias")
-    if isinstance(weight, FUSED_INT4):  # 4-bit weights on the CPU: fused kernel, never dequantized
+    if isinstance(weight, FUSED_INT4_TYPES):  # 4-bit weights on the CPU: fused kernel, never dequantized
         y = weight.matmul(x)
         return y.add_(bias) if bias is not None else y
     return F.linear(x, weight, bias)

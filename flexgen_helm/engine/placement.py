@@ -94,20 +94,14 @@ def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_
     from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
-    fused = uses_fused_int4(policy, dtype_bytes, cpu_compute)
+    fused = compression.FUSED_INT4[dtype_bytes] if uses_fused_int4(policy, dtype_bytes, cpu_compute) else None
     for ref in spec.layer_tensors(j):
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes
         dense += n
-        if (policy.compress_weight and fused and dtype_bytes == 2 and ref.role.split(".")[0] not in EMBEDDING_ROLES
-                and compression.int4pack_ok(shape, cfg)):
-            nb = compression.int4pack_nbytes(shape, cfg, dtype_bytes)
-            slots.append(Slot(ref.role, ref.name, shape, "int4pack", off, nb))
-            off = align_up(off + nb, TENSOR_ALIGN)
-        elif (policy.compress_weight and fused and dtype_bytes == 4 and ref.role.split(".")[0] not in EMBEDDING_ROLES
-              and compression.GroupInt4Weight.ok(shape, cfg)):
-            nb = compression.compressed_nbytes(shape, cfg)  # [packed | meta], read in place
-            slots.append(Slot(ref.role, ref.name, shape, "int4", off, nb))
+        if fused and ref.role.split(".")[0] not in EMBEDDING_ROLES and fused.ok(shape, cfg):
+            nb = fused.nbytes(shape, cfg, dtype_bytes)
+            slots.append(Slot(ref.role, ref.name, shape, fused.kind, off, nb))
             off = align_up(off + nb, TENSOR_ALIGN)
         elif policy.compress_weight and len(shape) == 2:  # 1-D biases and norms stay dense (tiny)
             nb = compression.compressed_nbytes(shape, cfg)  # [packed | fp16 scales], see compression.to_buffer

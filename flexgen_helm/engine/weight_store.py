@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compression
 from .config import Policy
 from .model_spec import ModelSpec
 from .placement import LayerLayout, layer_layout
@@ -131,11 +132,9 @@ class WeightStore:
             dst = flat[slot.offset: slot.offset + slot.nbytes]
             if slot.kind == "dense":
                 dst.copy_(t.contiguous().view(-1).view(torch.uint8))
-            elif slot.kind == "int4pack":
-                from . import compression
-                compression.to_int4pack(t, self.policy.comp_weight_config, self.dtype, dst)
-            else:  # "compressed", "rows" and "int4" share the [packed | meta] format
-                from . import compression
+            elif slot.kind in compression.FUSED_INT4_KINDS:
+                compression.FUSED_INT4_KINDS[slot.kind].write(t, self.policy.comp_weight_config, self.dtype, dst)
+            else:  # "compressed" and "rows": the [packed | meta] format
                 compression.to_buffer(t, self.policy.comp_weight_config, out=dst)
         return flat
 
@@ -188,18 +187,14 @@ class WeightStore:
                     out[s.role] = _view(buf, s.offset, s.nbytes, self.dtype, s.shape)
                     continue
                 if s.kind == "rows":  # dequantized row by row at lookup
-                    from .compression import RowQuantizedTable
-                    out[s.role] = RowQuantizedTable(buf[s.offset:s.offset + s.nbytes], s.shape,
+                    out[s.role] = compression.RowQuantizedTable(buf[s.offset:s.offset + s.nbytes], s.shape,
                                                     self.policy.comp_weight_config, self.dtype)
                     continue
-                if s.kind in ("int4pack", "int4"):  # multiplied in place by a fused kernel: nothing to do now
-                    from .compression import GroupInt4Weight, Int4Weight
-                    cls = Int4Weight if s.kind == "int4pack" else GroupInt4Weight
-                    out[s.role] = cls(buf[s.offset:s.offset + s.nbytes], s.shape, self.policy.comp_weight_config,
-                                      self.dtype)
+                if s.kind in compression.FUSED_INT4_KINDS:  # multiplied in place by a fused kernel
+                    out[s.role] = compression.FUSED_INT4_KINDS[s.kind](buf[s.offset:s.offset + s.nbytes], s.shape,
+                                                                       self.policy.comp_weight_config, self.dtype)
                     continue
                 # compressed: dequantized once per layer per step, shared by every micro-batch
-                from . import compression
                 t_dq = time.perf_counter()
                 n = torch.Size(s.shape).numel() * self.dtype.itemsize
                 dst = _view(self.dequant[slot], deq_off, n, self.dtype, s.shape)
