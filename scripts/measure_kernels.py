@@ -1,8 +1,8 @@
 """Kernel figures behind the engine's CPU choices (issue: compute-side speed), in one JSON.
 
 Per row count: dense matmul in bf16 and fp32, torch's fused 4-bit matmul (bf16 activations, the
-engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 activations, the engine's `int4`
-slots, when a C compiler is there) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
+engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
+`int4` slots, when a C compiler is there) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row.
@@ -73,6 +73,11 @@ def main() -> None:
                 it[0] += 1
                 return own4[it[0] % 3].matmul(x)
             row["int4_compiled_fp32_gflops"] = flops / _median_s(mm4c, args.reps) / 1e9
+
+            def mm4cb(x=xb, it=it):  # bf16 activations, widened once: the bf16 engine's choice on AVX2
+                it[0] += 1
+                return own4[it[0] % 3].matmul(x)
+            row["int4_compiled_bf16_gflops"] = flops / _median_s(mm4cb, args.reps) / 1e9
         rows_out.append(row)
         print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)
 

@@ -362,6 +362,7 @@ def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkey
     spec = spec_from_name("opt-125m")
     pol = Policy(compress_weight=True)
     kinds = lambda es, p=pol: {s.kind for s in layer_layout(spec, 1, es, p, cpu_compute=True).slots}  # noqa: E731
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # native bf16
     assert "int4pack" in kinds(2)
     if kernels.available():
         assert kinds(4) == {"int4", "dense"}
@@ -387,7 +388,12 @@ def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):
     assert "int4pack" not in kinds(dataclasses.replace(few, block_matmul=False, gpu_batch_size=17))
     assert "int4pack" in kinds(dataclasses.replace(many, int4_kernel="fused"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    # emulated bf16: fused at every row count, by the compiled loop where it builds (2x torch's
+    # kernel at one row on AVX2), else by torch's
+    from flexgen_helm.engine import kernels
+    assert kinds(many) & {"int4pack", "int4"} == ({"int4"} if kernels.available() else {"int4pack"})
+    assert not kinds(dataclasses.replace(few, int4_kernel="dequantize")) & {"int4pack", "int4"}
+    monkeypatch.setattr(kernels, "available", lambda: False)
     assert "int4pack" in kinds(many)
-    assert "int4pack" not in kinds(dataclasses.replace(few, int4_kernel="dequantize"))
     with pytest.raises(ConfigError, match="int4_kernel"):
         Policy(int4_kernel="tinygemm")

@@ -65,9 +65,9 @@ FUSED_INT4_MAX_ROWS = {2: 16, 4: 32}  # by compute dtype bytes
 
 def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
     """Are 4-bit linear weights multiplied without a dequantized copy (else dequantized at load)?
-    Only on a CPU compute tier: with bf16 activations by torch's fused kernel, with fp32 ones by the
-    compiled loop (kernels.int4_matmul; torch's kernel takes a scalar path in fp32, measured 1
-    GFLOP/s vs 12-30 in bf16 on AVX2), so fp32 needs the C compiler. "auto": always where bf16 is
+    Only on a CPU compute tier, by compression.fused_int4's kernel: torch's fused kernel (bf16 where
+    the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
+    torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler. "auto": always where bf16 is
     emulated (the fused kernel beats emulated dense bf16 at every row count, measured on AVX2), else
     while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
@@ -88,13 +88,12 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
 
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
     """Slots of scheduling layer j. 4-bit linear weights multiplied by a fused CPU kernel
-    (uses_fused_int4) are never dequantized: in bf16 they are stored in torch's layout (kind
-    "int4pack"), in fp32 in the compressed format the compiled loop reads ("int4"), where their
-    shape allows; other compressed weights are dequantized at load ("compressed")."""
+    (uses_fused_int4) are never dequantized: stored in the layout of that kernel
+    (compression.fused_int4: torch's "int4pack" or the compiled loop's "int4"), where their shape allows; other compressed weights are dequantized at load ("compressed")."""
     from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
-    fused = compression.FUSED_INT4[dtype_bytes] if uses_fused_int4(policy, dtype_bytes, cpu_compute) else None
+    fused = compression.fused_int4(dtype_bytes) if uses_fused_int4(policy, dtype_bytes, cpu_compute) else None
     for ref in spec.layer_tensors(j):
         shape = ref.shape
         n = math.prod(shape) * dtype_bytes

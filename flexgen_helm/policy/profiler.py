@@ -106,8 +106,8 @@ class HardwareProfile:
     # Used when present.
     layer_curves: Curves = field(default_factory=dict)
     head_curves: Curves = field(default_factory=dict)
-    # CPU compute: the fused 4-bit matmul (compression.FUSED_INT4: bf16 torch's
-    # _weight_int4pack_mm_for_cpu, fp32 the compiled loop) on the same MLP shapes as mm_curve,
+    # CPU compute: the fused 4-bit matmul (compression.fused_int4: torch's
+    # _weight_int4pack_mm_for_cpu or the compiled loop) on the same MLP shapes as mm_curve,
     # [(rows, FLOP/s)]; 4-bit decoder weights are multiplied by it (empty: n/a)
     int4_curve: list[tuple[int, float]] = field(default_factory=list)
     # prompt attention on the compute device, in FLOPs of ModelSpec.attention_flops (causal: each
@@ -400,7 +400,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
         # the engine's CPU layout for 4-bit weights (placement.layer_layout): torch's kernel in
         # bf16, the compiled loop in fp32
         wcfg = CompressionConfig()
-        cls = compression.FUSED_INT4[esize]
+        cls = compression.fused_int4(esize)
         q = [(cls.from_dense(w1, wcfg, tdtype), cls.from_dense(w2, wcfg, tdtype)) for w1, w2 in pairs]
         for rows in (1, 4, 16, 64, 256, 1024):
             x = torch.randn(rows, h).to(tdtype)

@@ -572,6 +572,24 @@ static inline void int4_row_tile(const uint8_t *prow, const float *mrow, const f
 }
 #endif
 
+/* Row n's (lo, step) pairs as fp32, one pair per 64 codes (groups of 64 * per codes repeat theirs).
+ * Speed: at one activation row this runs once per K weights; converted one half at a time it took
+ * about as long as the row's multiply-adds. F16C converts 8 per instruction: one row went from 11 to
+ * 21 GFLOP/s per Zen 3 core (8192 x 2048, g64). */
+static void meta_row(const uint16_t *m, int64_t G, int64_t per, float *mrow) {
+    int64_t i = 0;
+#ifdef __F16C__
+    if (per == 1)
+        for (; i + 8 <= 2 * G; i += 8)
+            _mm256_storeu_ps(mrow + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i))));
+#endif
+    for (int64_t g = i / 2; g < G; g++)  /* no division in the inner loops */
+        for (int64_t t = 0; t < per; t++) {
+            mrow[2 * (g * per + t)] = half_to_float(m[2 * g]);
+            mrow[2 * (g * per + t) + 1] = half_to_float(m[2 * g + 1]);
+        }
+}
+
 int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, float *y, int64_t M, int64_t K,
                    int64_t ldy, int64_t group, int64_t n_begin, int64_t n_end, int threads) {
     if (K % 128 || group % 64 || K % group || M < 1) return -1;
@@ -591,11 +609,7 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
         for (int64_t n = n_begin; n < n_end; n++) {
             if (!mrow) continue;
             const uint8_t *prow = packed + n * (K / 2);
-            for (int64_t g = 0, h = 0; g < G; g++)  /* no division in the inner loops */
-                for (int64_t t = 0; t < per; t++, h++) {
-                    mrow[2 * h] = half_to_float(meta[(n * G + g) * 2]);
-                    mrow[2 * h + 1] = half_to_float(meta[(n * G + g) * 2 + 1]);
-                }
+            meta_row(meta + n * G * 2, G, per, mrow);
             for (int64_t m = 0; m < M; m += 4) {  /* the row's codes stay in L1 across row tiles */
                 float out[4];
                 const int64_t mr = M - m < 4 ? M - m : 4;
