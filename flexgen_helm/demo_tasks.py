@@ -27,6 +27,18 @@ class Task:
     name: str
     run_spec: str    # HELM run-spec name (the demo conf's sub-scenario for the evaluated ones)
     metric: str      # HELM's main metric for it
+    # curriculum variant of a natural-language task: HELM's own rule generator asked for at most this
+    # many rules (HELM's scenario uses 5); trains the lookup on fewer distractors. None: HELM's task
+    max_rules: int | None = None
+
+    @property
+    def held_out_from(self) -> str:
+        """The evaluated task whose eval splits this task's training data must avoid."""
+        return self.run_spec_task if self.max_rules else self.name
+
+    @property
+    def run_spec_task(self) -> str:
+        return next(t.name for t in TASKS.values() if t.run_spec == self.run_spec and t.max_rules is None)
 
     def adapter_spec(self):
         from helm.benchmark.run_specs.classic_run_specs import (get_synthetic_reasoning_natural_spec,
@@ -42,7 +54,25 @@ class Task:
         key, value = self.run_spec.split(":", 1)[1].split("=")
         if key == "mode":
             return SyntheticReasoningScenario(mode=value, random_seed=seed)
-        return SRNScenario(difficulty=value, random_seed=seed)
+        if self.max_rules is None:
+            return SRNScenario(difficulty=value, random_seed=seed)
+        return _FewRulesSRN(self.max_rules, difficulty=value, random_seed=seed)
+
+
+def _FewRulesSRN(max_rules: int, **kw):
+    """HELM's SRNScenario whose problems have at most `max_rules` rules: its own generate_rules and
+    generate_test functions, called with HELM's max_rules parameter."""
+    from helm.benchmark.scenarios import synthetic_reasoning_natural_scenario as srn
+
+    class FewRules(srn.SRNScenario):
+        def generate_problem(self):
+            category = random.choice(list(self.subjects.keys()))
+            subject = random.choice(self.subjects[category])
+            rules = srn.generate_rules(self.attribute_groups, subject, category, max_rules=max_rules,
+                                       specific_category=self.specific_category)
+            return (rules, *srn.generate_test(self.attribute_groups, subject, category, rules,
+                                              self.use_specific_attributes))
+    return FewRules(**kw)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -50,6 +80,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("variable_substitution", "synthetic_reasoning:mode=variable_substitution", "quasi_exact_match"),
     Task("induction", "synthetic_reasoning:mode=induction", "quasi_exact_match"),
     Task("srn_easy", "synthetic_reasoning_natural:difficulty=easy", "f1_set_match"),
+    # the curriculum for srn_easy, which a tiny model trained on 5-rule problems alone never learned
+    *(Task(f"srn_easy_r{k}", "synthetic_reasoning_natural:difficulty=easy", "f1_set_match", max_rules=k)
+      for k in range(1, 5)),
 )}
 
 
@@ -74,8 +107,10 @@ def helm_split(task_name: str, split: str) -> tuple[Example, ...]:
 
 @lru_cache(maxsize=None)
 def held_out_inputs(task_name: str) -> frozenset[str]:
-    """Inputs of HELM's eval splits (valid + test, seed 42): never used for training."""
-    return frozenset(e.input for split in ("valid", "test") for e in helm_split(task_name, split))
+    """Inputs of HELM's eval splits (valid + test, seed 42) of the task (or of the task a curriculum
+    variant trains for): never used for training."""
+    base = TASKS[task_name].held_out_from
+    return frozenset(e.input for split in ("valid", "test") for e in helm_split(base, split))
 
 
 def generate_examples(task_name: str, seeds: list[int], exclude: frozenset[str] = frozenset()) -> list[Example]:
@@ -155,7 +190,7 @@ def copy_last(task_name: str, query: Example) -> str:
     """'Copy the last pattern' of the input: the last listed rule (pattern_match), or the subject with
     the consequent of the last rule (natural: "If the dog is a and b, then the dog is c." -> "The dog is c.")."""
     text = query.input
-    if task_name == "srn_easy":
+    if TASKS[task_name].run_spec.startswith("synthetic_reasoning_natural"):
         last_rule = [line for line in text.split("\n") if line.startswith("If ")][-1]
         then = last_rule.split(", then ", 1)[1]
         return then[0].upper() + then[1:]

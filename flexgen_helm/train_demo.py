@@ -6,6 +6,11 @@ prediction on every token, with the answer tokens weighted up (a run with the lo
 alone sat at chance for 200 steps: predicting a pattern-match "Result" or a rule's subject teaches
 the same lookups the answers need); the answer tokens' loss is logged beside it. Deterministic given --seed and
 --threads; prints progress and loss. The result is a standard HF checkpoint (safetensors, tokenizer).
+
+The shipped model took three stages (README, "The demo model"): both tasks from scratch, where
+pattern_match was learned and synthetic_reasoning_natural never was; then the curriculum tasks
+srn_easy_r1..r4 (HELM's generator with 1-4 rules) with the answer tokens weighted 40x, where the
+one-rule lookup was learned; then all of them mixed with pattern_match.
 """
 from __future__ import annotations
 
@@ -356,7 +361,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     d = TrainConfig(out_dir="")
-    p = subparsers.add_parser("train-demo", help="train the demo's small OPT on HELM's synthetic reasoning data",
+    p = subparsers.add_parser("train-demo", help="train the demo's small model on HELM's synthetic reasoning data",
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", help="checkpoint directory to write (HF layout)")
     p.add_argument("--arch", choices=("llama", "opt"), default=d.model.arch)

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from flexgen_helm.demo_tasks import HELM_SEED, generate_examples, helm_split, held_out_inputs, num_shots
+from flexgen_helm.demo_tasks import HELM_SEED, TASKS, generate_examples, helm_split, held_out_inputs, num_shots
 from flexgen_helm.tiny import demo_model_dir
-from flexgen_helm.train_demo import EVALUATED, baselines, engine_generate, evaluate
+from flexgen_helm.train_demo import EVALUATED, TrainConfig, baselines, engine_generate, evaluate
 
 SAMPLE = 48  # HELM's first 48 test instances (seed 42) of each task: fixed, never trained on
 
@@ -28,14 +28,31 @@ def test_checkpoint_is_small_and_in_hf_layout():
     assert sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)) < 20e6
 
 
+def _stages(record: dict) -> list[dict]:
+    """The records of every training stage that led to this checkpoint (--init-from chain), oldest first."""
+    out = []
+    while record:
+        out.append(record)
+        record = record.get("parent")
+    return out[::-1]
+
+
 @pytest.mark.parametrize("task", EVALUATED)
 def test_training_data_held_out_helm_test_split(record, task):
     assert HELM_SEED not in record["train_seeds"]
-    assert task in dict(map(tuple, record["config"]["task_weights"]))
-    pool = generate_examples(task, record["train_seeds"])  # exactly the shipped model's training pool
     test_inputs = {e.input for e in helm_split(task, "test")}
     assert len(test_inputs) > 4000 and test_inputs <= held_out_inputs(task)
-    assert not {e.input for e in pool} & test_inputs
+    pools = 0
+    for stage in _stages(record):
+        cfg = stage["config"]
+        seeds = TrainConfig(out_dir="", seed=cfg["seed"], seeds_per_task=cfg["seeds_per_task"]).train_seeds()
+        assert set(seeds) <= set(record["train_seeds"]) and HELM_SEED not in seeds
+        for name, _ in cfg["task_weights"]:  # the task itself and its curriculum variants
+            if TASKS[name].held_out_from == task:
+                pool = generate_examples(name, seeds)  # exactly what this stage trained on
+                assert not {e.input for e in pool} & test_inputs
+                pools += 1
+    assert pools
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,25 @@ def test_helm_seed_is_refused_and_eval_splits_are_removed():
     assert train and not {e.input for e in train} & held_out_inputs("srn_easy")
 
 
+@pytest.mark.parametrize("rules", [1, 3])
+def test_curriculum_tasks_are_helms_generator_with_fewer_rules(rules):
+    """srn_easy_rK: HELM's own rule and fact generators asked for at most K rules, same format and
+    run spec as srn_easy, and srn_easy's eval splits held out from them too."""
+    from flexgen_helm.demo_tasks import TASKS
+    name = f"srn_easy_r{rules}"
+    assert TASKS[name].held_out_from == "srn_easy" and TASKS[name].run_spec == TASKS["srn_easy"].run_spec
+    assert held_out_inputs(name) == held_out_inputs("srn_easy")
+    ex = generate_examples(name, [5])
+    counts = {e.input.count("\nIf ") + e.input.startswith("If ") for e in ex}
+    assert max(counts) == rules and min(counts) >= 1
+    assert all(e.input.split("\n")[-1].startswith("The following can be determined about") for e in ex)
+    outputs = {e.output for e in ex}
+    assert "Nothing." in outputs and any(o.endswith(" is " + o.split(" is ")[-1]) for o in outputs)
+    assert not {e.input for e in ex} & held_out_inputs("srn_easy")
+    text, spans = training_text(name, ex[:num_shots(name) + 1])
+    assert text[:spans[-1][0]] == eval_prompt("srn_easy", ex[:num_shots(name)], ex[num_shots(name)])
+
+
 def test_training_text_is_helm_prompt_with_answer_spans():
     shots = list(helm_split("srn_easy", "train"))[:num_shots("srn_easy")]
     query = helm_split("srn_easy", "test")[0]
