@@ -33,11 +33,9 @@ class Task:
 
     @property
     def held_out_from(self) -> str:
-        """The evaluated task whose eval splits this task's training data must avoid."""
-        return self.run_spec_task if self.max_rules else self.name
-
-    @property
-    def run_spec_task(self) -> str:
+        """The evaluated task (HELM's own, same run spec) whose eval splits this task's training data avoids."""
+        if self.max_rules is None:
+            return self.name
         return next(t.name for t in TASKS.values() if t.run_spec == self.run_spec and t.max_rules is None)
 
     def adapter_spec(self):
@@ -56,10 +54,10 @@ class Task:
             return SyntheticReasoningScenario(mode=value, random_seed=seed)
         if self.max_rules is None:
             return SRNScenario(difficulty=value, random_seed=seed)
-        return _FewRulesSRN(self.max_rules, difficulty=value, random_seed=seed)
+        return _few_rules_srn(self.max_rules, difficulty=value, random_seed=seed)
 
 
-def _FewRulesSRN(max_rules: int, **kw):
+def _few_rules_srn(max_rules: int, **kw):
     """HELM's SRNScenario whose problems have at most `max_rules` rules: its own generate_rules and
     generate_test functions, called with HELM's max_rules parameter."""
     from helm.benchmark.scenarios import synthetic_reasoning_natural_scenario as srn
