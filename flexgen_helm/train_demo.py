@@ -7,10 +7,10 @@ alone sat at chance for 200 steps: predicting a pattern-match "Result" or a rule
 the same lookups the answers need); the answer tokens' loss is logged beside it. Deterministic given --seed and
 --threads; prints progress and loss. The result is a standard HF checkpoint (safetensors, tokenizer).
 
-The shipped model took three stages (README, "The demo model"): both tasks from scratch, where
+The shipped model took five stages (README, "The demo model"): both tasks from scratch, where
 pattern_match was learned and synthetic_reasoning_natural never was; then the curriculum tasks
-srn_easy_r1..r4 (HELM's generator with 1-4 rules) with the answer tokens weighted 40x, where the
-one-rule lookup was learned; then all of them mixed with pattern_match.
+srn_easy_r1..r3 (HELM's generator with 1-3 rules) with the answer tokens weighted 40x, where the
+one-rule lookup was learned first, mixed with pattern_match so it is kept.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def test_curriculum_tasks_are_helms_generator_with_fewer_rules(rules):
     assert max(counts) == rules and min(counts) >= 1
     assert all(e.input.split("\n")[-1].startswith("The following can be determined about") for e in ex)
     outputs = {e.output for e in ex}
-    assert "Nothing." in outputs and any(o.endswith(" is " + o.split(" is ")[-1]) for o in outputs)
+    assert "Nothing." in outputs and any(o != "Nothing." and " is " in o for o in outputs)
     assert not {e.input for e in ex} & held_out_inputs("srn_easy")
     text, spans = training_text(name, ex[:num_shots(name) + 1])
     assert text[:spans[-1][0]] == eval_prompt("srn_easy", ex[:num_shots(name)], ex[num_shots(name)])

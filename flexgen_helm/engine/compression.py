@@ -485,8 +485,8 @@ def fused_int4(dtype_bytes: int) -> type[Int4Weight] | type[GroupInt4Weight]:
     """The class of 4-bit weights multiplied without a dequantized copy for this compute dtype: the
     one place that pairs a dtype with its fused kernel. fp32: the compiled loop (torch's kernel takes
     a scalar path there). bf16: torch's kernel where the CPU multiplies bf16 in hardware; where it
-    emulates bf16 (AVX2), the compiled loop on bf16 activations widened once, measured 2x torch's
-    kernel at one row (42 vs 21 GFLOP/s, 2 Zen 3 cores, 8192 x 2048) and on par at 256 rows."""
+    emulates bf16 (AVX2), the compiled loop on bf16 activations widened once, measured 1.6x torch's
+    kernel at one row (33 vs 20 GFLOP/s, 2 Zen 3 cores, 8192 x 2048 read from memory), on par at 256."""
     from .config import cpu_has_fast_bf16
     if dtype_bytes == 4 or (dtype_bytes == 2 and kernels.available() and not cpu_has_fast_bf16()):
         return GroupInt4Weight

@@ -67,8 +67,9 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     """Are 4-bit linear weights multiplied without a dequantized copy (else dequantized at load)?
     Only on a CPU compute tier, by compression.fused_int4's kernel: torch's fused kernel (bf16 where
     the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
-    torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler. "auto": always where bf16 is
-    emulated (the fused kernel beats emulated dense bf16 at every row count, measured on AVX2), else
+    torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
+    "auto": always where bf16 is emulated (the fused kernel beats emulated dense bf16 at every row
+    count, measured on AVX2), else
     while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):
@@ -89,7 +90,8 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
     """Slots of scheduling layer j. 4-bit linear weights multiplied by a fused CPU kernel
     (uses_fused_int4) are never dequantized: stored in the layout of that kernel
-    (compression.fused_int4: torch's "int4pack" or the compiled loop's "int4"), where their shape allows; other compressed weights are dequantized at load ("compressed")."""
+    (compression.fused_int4: torch's "int4pack" or the compiled loop's "int4"), where their shape
+    allows; other compressed weights are dequantized at load ("compressed")."""
     from . import compression
     slots, off, dense = [], 0, 0
     cfg = policy.comp_weight_config
