@@ -33,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--int4-kernel", choices=("auto", "fused", "dequantize"), default="auto",
-                   help="4-bit weights on a CPU: multiply them without a dequantized copy (bf16: torch's fused "
-                        "kernel; fp32: the compiled loop), or dequantize at load for dense matmuls (auto: by "
-                        "rows per decode matmul)")
+                   help="4-bit weights on a CPU: multiply them without a dequantized copy (the compiled loop, or "
+                        "torch's fused kernel in bf16 where the CPU has native bf16), or dequantize at load for "
+                        "dense matmuls (auto: by rows per decode matmul)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
@@ -209,7 +209,8 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     # the machine's best matmul rate at any row count (the engine may run all of a block's rows in
     # one call), so the bound does not excuse small-row matmuls
     row_counts = sorted({pol.gpu_batch_size, n, 16, 64, 256, 1024})
-    rates = {rows: mm_rate(rows, lambda a: torch.nn.functional.linear(a, w)) for rows in row_counts}
+    from .engine.layers import linear  # the engine's dense kernel choice (faster than torch's emulated bf16)
+    rates = {rows: mm_rate(rows, lambda a: linear(a, w)) for rows in row_counts}
     int4_rates = {rows: mm_rate(rows, w4.matmul) for rows in row_counts} if fused else {}
     best = max([*rates.values(), *int4_rates.values()])
     io = disk_bytes / disk_bw if disk_bw else 0.0

@@ -1,6 +1,7 @@
 """Kernel figures behind the engine's CPU choices (issue: compute-side speed), in one JSON.
 
-Per row count: dense matmul in bf16 and fp32, torch's fused 4-bit matmul (bf16 activations, the
+Per row count: dense matmul in bf16 and fp32 (torch's), the engine's bf16 linear (layers.linear:
+the compiled bf16 loop or widened fp32 where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
 `int4` slots, when a C compiler is there) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
@@ -40,6 +41,7 @@ def main() -> None:
     from flexgen_helm.engine import compression as C
     from flexgen_helm.engine import kernels
     from flexgen_helm.engine.config import CompressionConfig, cpu_has_fast_bf16
+    from flexgen_helm.engine.layers import linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +63,11 @@ def main() -> None:
                 return x @ ws[it[0] % 3].t()
             row[name + "_gflops"] = flops / _median_s(mm, args.reps) / 1e9
         xb, it = torch.randn(rows, k, dtype=torch.bfloat16), [0]
+
+        def mml(x=xb, it=it):  # the engine's bf16 path (compiled loop / widened where bf16 is emulated)
+            it[0] += 1
+            return linear(x, dense[torch.bfloat16][it[0] % 3])
+        row["bf16_engine_linear_gflops"] = flops / _median_s(mml, args.reps) / 1e9
 
         def mm4(x=xb, it=it):
             it[0] += 1

@@ -502,3 +502,34 @@ def test_compiled_int4_matmul_equals_dequantize_then_matmul(monkeypatch):
     assert not C.GroupInt4Weight.ok((64, 96), CompressionConfig(group_dim=1))       # K not a multiple of 128
     assert not C.GroupInt4Weight.ok((64, 128), CompressionConfig(group_dim=1, group_size=32))
     assert not C.GroupInt4Weight.ok((64, 128), CompressionConfig(group_dim=1, symmetric=True))
+
+
+def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monkeypatch):
+    """Where the CPU emulates bf16, layers.linear multiplies bf16 weights by the compiled loop (few
+    rows) or widens them for torch's fp32 matmul (many rows): both equal the fp32 product of the
+    exact widened values, rounded once to bf16, with bias; shapes the loop refuses (K not a multiple
+    of 32, a non-contiguous weight) and a missing compiler take the widened path."""
+    from flexgen_helm.engine import kernels, layers
+    monkeypatch.setattr(layers, "bf16_emulated", lambda: True)
+    torch.manual_seed(5)
+    for (n, k) in ((256, 384), (48, 96), (40, 80), (4096, 64)):
+        w = (torch.randn(n, k) * torch.logspace(-2, 1, k)).bfloat16()
+        bias = torch.randn(n).bfloat16()
+        for rows in (1, 2, 3, 4, 5, 9, layers.BF16_LOOP_MAX_ROWS, layers.BF16_LOOP_MAX_ROWS + 1, 300):
+            x = torch.randn(rows, k).bfloat16()
+            want = x.float() @ w.float().T
+            for b in (None, bias):
+                got = layers.linear(x, w, b)
+                ref = want + b.float() if b is not None else want
+                assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+                # one bf16 rounding of the product and one of the bias sum: 2 ulps (2^-7 relative)
+                assert torch.allclose(got.float(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item()), (n, k, rows)
+        if kernels.available() and k % 32 == 0:  # the loop itself took the few-row calls
+            assert kernels.bf16_matmul(w, x[:4], layers.BF16_LOOP_MAX_ROWS) is not None
+        assert kernels.bf16_matmul(w, x, 4) is None  # beyond max_rows: the caller widens
+    x3 = torch.randn(2, 3, 384).bfloat16()
+    wt = torch.randn(384, 200).bfloat16().T  # non-contiguous (200, 384)
+    assert torch.allclose(layers.linear(x3, wt).float(), x3.float() @ wt.float().T, rtol=1e-2, atol=0.1)
+    w = torch.randn(64, 128).bfloat16()
+    slow = _without_kernels(monkeypatch, lambda: layers.linear(x3[..., :128], w))
+    assert torch.allclose(slow.float(), x3[..., :128].float() @ w.float().T, rtol=1e-2, atol=0.1)

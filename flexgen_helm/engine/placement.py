@@ -68,8 +68,9 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     Only on a CPU compute tier, by compression.fused_int4's kernel: torch's fused kernel (bf16 where
     the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
     torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
-    "auto": always where bf16 is emulated (the fused kernel beats emulated dense bf16 at every row
-    count, measured on AVX2), else
+    "auto": always where bf16 is emulated (measured on 2 AVX2 cores, 8192 x 2048: the compiled loop
+    on 4-bit weights beats dequantize + the dense bf16 loop (layers.linear) up to ~200 rows, 91 vs 21
+    GFLOP/s at 16 rows, 68 vs 56 at 128), else
     while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):

@@ -109,6 +109,8 @@ def _library():
                                          ptr, ptr, ptr, c_int, ctypes.c_float, i64, i64]
     lib.fg_int4_matmul.restype = c_int
     lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
+    lib.fg_bf16_matmul.restype = c_int
+    lib.fg_bf16_matmul.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.fg_openmp.restype = c_int
     return lib
 
@@ -244,6 +246,30 @@ def int4_matmul(packed, meta, x, n: int, k: int, group: int):
     else:
         ok = _split(lambda b, e: lib.fg_int4_matmul(packed.data_ptr(), meta.data_ptr(), x2.data_ptr(), y.data_ptr(),
                                                     m, k, n, group, b, e, 1), n, 16, work=m * n * k)
+    if not ok:
+        return None
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def bf16_matmul(w, x, max_rows: int):
+    """x (..., K) @ w.T for a bf16 (N, K) weight, fp32 accumulation: the C loop (weights read once
+    as bf16, widened in registers) up to `max_rows` rows, None beyond or when it cannot (the caller
+    then widens the weight and runs torch's fp32 matmul). Returns (..., N) in x's dtype."""
+    import torch
+    n, k = w.shape
+    lib = _library()
+    rows = x.numel() // max(1, x.shape[-1])
+    if (lib is None or rows > max_rows or w.dtype != torch.bfloat16 or w.device.type != "cpu" or k % 32
+            or x.shape[-1] != k or not w.is_contiguous()):
+        return None
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()  # bf16 rows widened once, not per weight
+    y = torch.empty(rows, n, dtype=torch.float32)
+    threads = max(1, torch.get_num_threads())
+    if lib.fg_openmp():
+        ok = lib.fg_bf16_matmul(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, 0, n, threads) == 0
+    else:
+        ok = _split(lambda b, e: lib.fg_bf16_matmul(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, b, e, 1),
+                    n, 16, work=rows * n * k)
     if not ok:
         return None
     return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -627,6 +627,82 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
     return failed ? -1 : 0;
 }
 
+/* ---- y = x @ w.T from bf16 weights, for CPUs that multiply bf16 only in emulation ---------------
+ * w (N, K) bf16 with K a multiple of 32, x (M, K) fp32, y (M, N) fp32 with row stride ldy; this call
+ * computes output columns [n_begin, n_end).
+ * Speed: without AVX512-BF16 or AMX, torch's bf16 matmul runs ~10 GFLOP/s per core at every row
+ * count. A bf16 value widens to fp32 by a 16-bit shift, so here each weight is read once as bf16
+ * (half fp32's bytes: decode steps are bound by reading weights), widened in registers and
+ * multiplied into up to 4 rows of x at once, as in the 4-bit loop above. For many rows the caller
+ * widens the weight once and runs torch's fp32 matmul instead (kernels.bf16_matmul). */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void bf16_row_tile(const uint16_t *wrow, const float *x, int64_t K,
+                                                                 int mr, float *out) {
+    const int na = mr <= 2 ? 4 : 2;  /* accumulators per row: enough independent chains to hide latency */
+    __m256 acc[4][4];
+    for (int r = 0; r < mr; r++)
+        for (int a = 0; a < na; a++) acc[r][a] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32)
+        for (int h = 0; h < 4; h++) {
+            const __m256 w = bf16x8(wrow + k + 8 * h);
+            const int a = h % na;
+            for (int r = 0; r < mr; r++)
+                acc[r][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + k + 8 * h), acc[r][a]);
+        }
+    for (int r = 0; r < mr; r++) {
+        __m256 s = _mm256_add_ps(acc[r][0], acc[r][1]);
+        if (na == 4) s = _mm256_add_ps(s, _mm256_add_ps(acc[r][2], acc[r][3]));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = _mm_cvtss_f32(h);
+    }
+}
+#else
+static inline void bf16_row_tile(const uint16_t *wrow, const float *x, int64_t K, int mr, float *out) {
+    for (int r = 0; r < mr; r++) {
+        float acc[16] = {0};  /* independent lanes, as in dot() */
+        for (int64_t k = 0; k < K; k++) {
+            uint32_t bits = (uint32_t)wrow[k] << 16;
+            float w;
+            memcpy(&w, &bits, sizeof w);
+            acc[k & 15] += w * x[r * K + k];
+        }
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += acc[l];
+        out[r] = s;
+    }
+}
+#endif
+
+int fg_bf16_matmul(const uint16_t *w, const float *x, float *y, int64_t M, int64_t K, int64_t ldy,
+                   int64_t n_begin, int64_t n_end, int threads) {
+    if (K % 32 || M < 1) return -1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
+#endif
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const uint16_t *wrow = w + n * K;
+        for (int64_t m = 0; m < M; m += 4) {  /* the weight row stays in L1 across row tiles */
+            float out[4];
+            const int64_t mr = M - m < 4 ? M - m : 4;
+            switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+                case 1: bf16_row_tile(wrow, x + m * K, K, 1, out); break;
+                case 2: bf16_row_tile(wrow, x + m * K, K, 2, out); break;
+                case 3: bf16_row_tile(wrow, x + m * K, K, 3, out); break;
+                default: bf16_row_tile(wrow, x + m * K, K, 4, out); break;
+            }
+            for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
+        }
+    }
+    return 0;
+}
+
 int fg_openmp(void) {  /* 1 when built with OpenMP (fg_int4_matmul splits its own work) */
 #ifdef _OPENMP
     return 1;
