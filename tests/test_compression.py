@@ -527,6 +527,9 @@ def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monk
         if kernels.available() and k % 32 == 0:  # the loop itself took the few-row calls
             assert kernels.bf16_matmul(w, x[:4], layers.BF16_LOOP_MAX_ROWS) is not None
         assert kernels.bf16_matmul(w, x, 4) is None  # beyond max_rows: the caller widens
+    monkeypatch.setattr(layers, "_WIDEN_CHUNK", 96 * 7)  # the widened weight in blocks of 7 rows
+    w, x = torch.randn(40, 96).bfloat16(), torch.randn(2, 60, 96).bfloat16()
+    assert torch.allclose(layers.linear(x, w).float(), x.float() @ w.float().T, rtol=2 ** -7, atol=0.05)
     x3 = torch.randn(2, 3, 384).bfloat16()
     wt = torch.randn(384, 200).bfloat16().T  # non-contiguous (200, 384)
     assert torch.allclose(layers.linear(x3, wt).float(), x3.float() @ wt.float().T, rtol=1e-2, atol=0.1)
