@@ -3,7 +3,8 @@
 Per row count: dense matmul in bf16 and fp32 (torch's), the engine's bf16 linear (layers.linear:
 the compiled bf16 loop or widened fp32 where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
-`int4` slots, when a C compiler is there) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
+`int4` slots, when a C compiler is there) or dequantized to fp32 for torch's fp32 matmul (the
+`int4` slots' path beyond layers.INT4_LOOP_MAX_ROWS rows) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row.
@@ -41,7 +42,7 @@ def main() -> None:
     from flexgen_helm.engine import compression as C
     from flexgen_helm.engine import kernels
     from flexgen_helm.engine.config import CompressionConfig, cpu_has_fast_bf16
-    from flexgen_helm.engine.layers import linear
+    from flexgen_helm.engine.layers import _fp32_linear, linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +53,7 @@ def main() -> None:
     int4 = [C.Int4Weight.from_dense(w, cfg, torch.bfloat16) for w in ws]
     own4 = [C.GroupInt4Weight.from_dense(w, cfg, torch.float32) for w in ws] if kernels.available() else []
     rows_out = []
-    for rows in (1, 4, 8, 16, 32, 64, 256):
+    for rows in (1, 4, 8, 16, 32, 48, 64, 96, 128, 256):
         flops = 2 * rows * n * k
         row = {"rows": rows}
         for name, dt in (("bf16_dense", torch.bfloat16), ("fp32_dense", torch.float32)):
@@ -85,6 +86,12 @@ def main() -> None:
                 it[0] += 1
                 return own4[it[0] % 3].matmul(x)
             row["int4_compiled_bf16_gflops"] = flops / _median_s(mm4cb, args.reps) / 1e9
+
+            def mm4d(x=xf, it=it):  # dequantized to fp32 a block of rows at a time, torch's fp32 matmul
+                it[0] += 1
+                w4 = own4[it[0] % 3]
+                return _fp32_linear(x, w4.shape, w4.dequantize_rows_into)
+            row["int4_dequant_fp32_mm_gflops"] = flops / _median_s(mm4d, args.reps) / 1e9
         rows_out.append(row)
         print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)
 

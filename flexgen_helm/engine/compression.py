@@ -476,6 +476,14 @@ class GroupInt4Weight:
             y = x @ dequantize(self.packed, self.meta, self.shape, self.cfg, x.dtype).T
         return y
 
+    def dequantize_rows_into(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """Output rows [a, b) of the weight dequantized into `out` ((b - a, in), fp32 or bf16): each
+        row owns its own span of codes and scales (groups along in), so rows slice cleanly."""
+        n, k = self.shape
+        per_row = meta_numel(self.shape, self.cfg) // n
+        return dequantize(self.packed[a * k // 2:b * k // 2], self.meta[a * per_row:b * per_row],
+                          (b - a, k), self.cfg, out.dtype, out=out)
+
 
 FUSED_INT4_KINDS = {cls.kind: cls for cls in (Int4Weight, GroupInt4Weight)}
 FUSED_INT4_TYPES = tuple(FUSED_INT4_KINDS.values())

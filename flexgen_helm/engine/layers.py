@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .compression import FUSED_INT4_TYPES, RowQuantizedTable
+from .compression import FUSED_INT4_TYPES, GroupInt4Weight, RowQuantizedTable
 from .config import cpu_has_fast_bf16
 from .model_spec import ModelSpec
 from .rope import apply_rotary
@@ -50,20 +50,31 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 # 64: 74 vs 86, 128: 67 vs 107, 1024: 65 vs 160 (torch's bf16: 22 at every row count). Fixed, not
 # probed per process, so a run's results do not depend on timing noise.
 BF16_LOOP_MAX_ROWS = 48
+# Rows up to which the compiled 4-bit loop (GroupInt4Weight) beats dequantizing the weight to fp32
+# (compiled, ~0.15 ns per value, into the reused buffer) for torch's fp32 matmul. Same box and
+# weights, GFLOP/s loop vs dequantized: 16 rows 93 vs 36, 48: 89 vs 76, 64: 80 vs 87, 96: 69 vs 100,
+# 256: 67 vs 140 (reports/bench/n0_kernels_avx2.json).
+INT4_LOOP_MAX_ROWS = 48
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ weight.T + bias, by the fastest kernel this device has for the weight's form:
     the one place the engine (and the profiler, which prices it) chooses a matmul."""
-    if isinstance(weight, FUSED_INT4_TYPES):  # 4-bit weights on the CPU: fused kernel, never dequantized
-        y = weight.matmul(x)
+    if isinstance(weight, FUSED_INT4_TYPES):  # 4-bit weights on the CPU: fused kernel where rows are few
+        rows = x.numel() // max(1, x.shape[-1])
+        if isinstance(weight, GroupInt4Weight) and rows > INT4_LOOP_MAX_ROWS and kernels.available():
+            # Speed: many rows (a prefill) are compute-bound, and the 4-bit loop tops out below
+            # torch's fp32 matmul; dequantizing (compiled, ~0.2 ns per weight) costs less than it saves.
+            y = _fp32_linear(x, weight.shape, weight.dequantize_rows_into).to(x.dtype)
+        else:
+            y = weight.matmul(x)
         return y.add_(bias) if bias is not None else y
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and bf16_emulated():
         # Speed: torch emulates bf16 matmuls here (~10 GFLOP/s per core). bf16 widens to fp32
         # exactly, so both paths below equal a bf16 matmul with fp32 accumulation, 3-7x faster.
         y = kernels.bf16_matmul(weight, x, BF16_LOOP_MAX_ROWS)
-        if y is None:  # many rows: widen the weight once, torch's fp32 matmul
-            y = _widened_linear(x, weight).to(x.dtype)
+        if y is None:  # many rows: widen the weight, torch's fp32 matmul
+            y = _fp32_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
         return y.add_(bias) if bias is not None else y
     return F.linear(x, weight, bias)
 
@@ -72,23 +83,29 @@ _scratch = threading.local()
 _WIDEN_CHUNK = 1 << 24  # values: the fp32 scratch stays <= 64 MB (a 128K-vocab head is 1 GB in fp32)
 
 
-def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T in fp32 for a bf16 weight, widened a block of output rows at a time into a
-    scratch buffer reused across calls (per thread). Speed: a fresh fp32 copy per call pays its page
-    faults every time; reused, an 8192 x 2048 product runs 100 instead of 68 GFLOP/s at 128 rows, 134
-    instead of 100 at 256."""
-    n, k = weight.shape
+def _fp32_linear(x: torch.Tensor, shape: tuple[int, int],
+                 fill: Callable[[int, int, torch.Tensor], object]) -> torch.Tensor:
+    """x @ w.T in fp32 for an (n, k) weight held in another form: fill(a, b, out) writes its rows
+    [a, b) as fp32 into `out` (b - a, k), a block of rows at a time, into a scratch buffer reused
+    across calls (per thread). Speed: a fresh fp32 copy per call pays its page faults every time;
+    reused, an 8192 x 2048 bf16 product runs 100 instead of 68 GFLOP/s at 128 rows, 134 instead of
+    100 at 256."""
+    n, k = shape
     step = max(1, _WIDEN_CHUNK // k)
     buf = getattr(_scratch, "fp32", None)
     if buf is None or buf.numel() < min(n, step) * k:
         buf = _scratch.fp32 = torch.empty(min(n, step) * k, dtype=torch.float32)
     xf = x.float()
     if n <= step:
-        return F.linear(xf, buf[:n * k].view(n, k).copy_(weight))
+        w = buf[:n * k].view(n, k)
+        fill(0, n, w)
+        return F.linear(xf, w)
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     for a in range(0, n, step):
-        w = weight[a:a + step]
-        y[..., a:a + w.shape[0]] = F.linear(xf, buf[:w.numel()].view(w.shape).copy_(w))
+        b = min(n, a + step)
+        w = buf[:(b - a) * k].view(b - a, k)
+        fill(a, b, w)
+        y[..., a:b] = F.linear(xf, w)
     return y
 
 

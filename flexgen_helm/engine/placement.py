@@ -69,8 +69,9 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
     torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
     "auto": always where bf16 is emulated (measured on 2 AVX2 cores, 8192 x 2048: the compiled loop
-    on 4-bit weights beats dequantize + the dense bf16 loop (layers.linear) up to ~200 rows, 91 vs 21
-    GFLOP/s at 16 rows, 68 vs 56 at 128), else
+    on 4-bit weights runs 92 GFLOP/s at 16 rows against 80 for the dense bf16 loop, before that
+    loop's dequantization; beyond layers.INT4_LOOP_MAX_ROWS rows per call the same slots are
+    dequantized per call to fp32, so "fused" is never the slower choice there), else
     while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):

@@ -409,7 +409,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
             def mlp4() -> None:
                 a, b = q[it[0] % len(q)]
                 it[0] += 1
-                b.matmul(a.matmul(x))
+                layers.linear(layers.linear(x, a), b)  # the engine's choice by rows (loop or dequantize)
             int4_curve.append((rows, 2 * rows * 8 * h * h / _timeit(mlp4, sync, per / 2)))
         del q
         log("fused 4-bit matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in int4_curve) + " GFLOP/s")
