@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from .engine.config import CompressionConfig, ConfigError, Policy
+from .engine.config import CompressionConfig, ConfigError, Policy, dtype_name
 
 # A default text of our own so the command runs offline; for numbers worth quoting pass a real
 # corpus, e.g. the WikiText-2 test split saved as text, with --text.
@@ -198,10 +198,8 @@ def run_accuracy(model: str, text: str, *, compress_weight: bool = False, compre
         raise ConfigError("--kivi-keys is simulated only: add --backend reference")
     weight_cfg = weight_cfg or Policy().comp_weight_config
     cache_cfg = cache_cfg or Policy().comp_cache_config
-    dtype = dtype or ("float32" if device == "cpu" else "float16")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ConfigError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    dtype = dtype_name(dtype) if dtype else ("float32" if device == "cpu" else "float16")
+    torch_dtype = getattr(torch, dtype)
     baseline = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
 
     try:
@@ -329,8 +327,7 @@ def register(subparsers) -> None:
                    help="group keys per channel along tokens (KIVI); --backend reference only")
     p.add_argument("--backend", choices=("engine", "reference"), default="engine")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="compute dtype (default: float32 on cpu, float16 on cuda)")
+    p.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--seqlen", type=int, help="window length (default: the model context)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--prompts", type=int, default=8, help="greedy prompts cut from the text")

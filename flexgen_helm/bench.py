@@ -13,9 +13,8 @@ import sys
 import tempfile
 import time
 
-from .engine.config import MemoryBudget, Policy, default_dtype, parse_bytes
+from .engine.config import MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def register(sub) -> None:
@@ -38,7 +37,7 @@ def register(sub) -> None:
                         "dense matmuls (auto: by rows per decode matmul)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
+    p.add_argument("--dtype", default=None, help="default: fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX, else fp32")
     p.add_argument("--offload-dir", default=None, help="disk tier directory (a temporary one inside . by default)")
     p.add_argument("--gpu-mem", default=None, help="compute-tier budget, e.g. 16GB (CUDA: also caps the allocator)")
     p.add_argument("--cpu-mem", default=None)
@@ -110,7 +109,7 @@ def run_bench(args) -> dict:
     process, so both see the same machine state (these machines are shared and noisy)."""
     import torch
 
-    dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else default_dtype(args.device))
+    dtype = getattr(torch, dtype_name(args.dtype) if args.dtype else default_dtype(args.device))
     budget = MemoryBudget(parse_bytes(args.gpu_mem), parse_bytes(args.cpu_mem), parse_bytes(args.disk_mem))
     if args.device.startswith("cuda") and budget.gpu and torch.cuda.is_available():
         dev = torch.device(args.device)

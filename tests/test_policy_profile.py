@@ -121,3 +121,16 @@ def test_other_machines_profiles_are_not_extended():
     p = _profile()  # measured on host "h", not here
     assert with_widths(p, TOY_GQA) is p
     assert with_widths(load_profile("t4-gcp"), spec_from_name("llama-3.1-70b")).layer_curves == {}
+
+
+def test_every_command_reads_dtype_names_one_way():
+    """One parser for --dtype: short and torch names, any case; anything else is a clear error that
+    lists what to use (bench, accuracy, validate, the profile command and the HELM client use it)."""
+    from flexgen_helm.engine.config import ConfigError, dtype_name
+    assert [dtype_name(n) for n in ("bf16", "BFloat16", "fp16", "half", "fp32", "float32")] == [
+        "bfloat16", "bfloat16", "float16", "float16", "float32", "float32"]
+    with pytest.raises(ConfigError, match="use bf16, fp16 or fp32"):
+        dtype_name("int8")
+    from flexgen_helm.policy import validate
+    with pytest.raises(SystemExit):  # argparse's error exit, before anything is measured
+        validate.main(["--dtype", "fp8"])

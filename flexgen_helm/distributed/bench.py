@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, parse_bytes
+from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 
 
 def _stage_policy(args, rank: int) -> tuple[Policy, list[int] | None, int | None]:
@@ -28,13 +28,13 @@ def _stage_policy(args, rank: int) -> tuple[Policy, list[int] | None, int | None
 
 
 def main_distributed(args) -> int:
-    from ..bench import DTYPES, _prompts, _summary
+    from ..bench import _prompts, _summary
     from ..engine.engine import Engine
     rank = int(os.environ.get("RANK", "0"))
     device = args.device
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else default_dtype(device))
+    dtype = getattr(torch, dtype_name(args.dtype) if args.dtype else default_dtype(device))
     budget = MemoryBudget(parse_bytes(args.gpu_mem), parse_bytes(args.cpu_mem), parse_bytes(args.disk_mem))
     if device.startswith("cuda") and budget.gpu and torch.cuda.is_available():
         dev = torch.device(device)

@@ -13,6 +13,19 @@ class ConfigError(ValueError):
     """A configuration the engine cannot run; the message says what to change."""
 
 
+_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+
+
+def dtype_name(name: str) -> str:
+    """torch's name of a compute dtype given as bf16 / fp16 / fp32 or bfloat16 / float16 / float32:
+    the one parser of every command's --dtype."""
+    try:
+        return _DTYPE_NAMES[str(name).strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}: use bf16, fp16 or fp32 (or bfloat16, float16, float32)") from None
+
+
 def cpu_has_fast_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it torch emulates
     bf16 matmuls: measured ~10 GFLOP/s per core on an AVX2-only EPYC, where fp32 reaches ~70."""

@@ -24,7 +24,7 @@ from helm.common.hierarchical_logger import hlog
 from helm.common.request import ErrorFlags, GeneratedOutput, Request, RequestResult, Token
 from helm.proxy.retry import NonRetriableException
 
-from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, parse_bytes
+from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 from .batching import Batch, GenParams, Item, cut_at_stop, plan_batches
 from .cache_check import check_request_cache
 from .interrupts import deferred_signals
@@ -117,10 +117,7 @@ def _device_dtype(s: EngineSettings) -> tuple[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if s.dtype == "auto":
         return device, None
-    dtype = getattr(torch, s.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"unknown dtype {s.dtype!r}: use float32, bfloat16 or float16")
-    return device, dtype
+    return device, getattr(torch, dtype_name(s.dtype))
 
 
 def group_policy(s: EngineSettings, prompt_len: int, gen_len: int, num_prompts: int) -> Policy:

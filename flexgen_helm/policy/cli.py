@@ -10,7 +10,7 @@ def register(subparsers) -> None:
         p = subparsers.add_parser("profile", help="measure copy/disk/matmul/attention speeds of this machine",
                                   description=_cmd_profile.__doc__)
         p.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:i] (default cpu)")
-        p.add_argument("--dtype", default=None, help="compute dtype (default: float16 on cuda, bfloat16 on cpu)")
+        p.add_argument("--dtype", default=None, help="compute dtype, bf16 | fp16 | fp32 (default: fp16 on cuda; on cpu bf16 with AVX512-BF16/AMX, else fp32)")
         p.add_argument("--offload-dir", default=None,
                        help="directory on the disk the engine will offload to (default: the temp dir)")
         p.add_argument("--seconds", type=float, default=20.0, help="rough time budget for all probes (default 20)")
@@ -46,10 +46,10 @@ def register(subparsers) -> None:
 def _cmd_profile(args) -> int:
     """Measure host<->compute copies, disk read/write (page cache bypassed), matmul, attention and
     dequantization speeds, and cache the profile for the policy search."""
-    from ..engine.config import default_dtype
+    from ..engine.config import default_dtype, dtype_name
     from .profiler import cache_path, measure_profile
     device = args.device.split(":")[0]
-    dtype = args.dtype or default_dtype(device)
+    dtype = dtype_name(args.dtype) if args.dtype else default_dtype(device)
     prof = measure_profile(device=args.device, dtype=dtype, offload_dir=args.offload_dir,
                            budget_s=args.seconds, log=print)
     path = cache_path(device, dtype)

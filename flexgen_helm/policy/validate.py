@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per policy; the best counts (2)")
     ap.add_argument("--offload-dir", default=None, help="disk tier directory (default: a temp dir)")
     ap.add_argument("--only", default=None, help="comma-separated workload names to run")
-    ap.add_argument("--dtype", default=None, help="compute dtype (default: the engine's for this CPU, "
+    ap.add_argument("--dtype", default=None, help="compute dtype, bf16 | fp32 (default: the engine's for this CPU, "
                     "engine.config.default_dtype)")
     ap.add_argument("--max-wait", type=float, default=0.0,
                     help="before each timed run (and the profile), wait up to this many seconds for other "
@@ -259,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
-    from ..engine.config import default_dtype
-    dtype = args.dtype or default_dtype("cpu")
+    from ..engine.config import ConfigError, default_dtype, dtype_name
+    try:
+        dtype = dtype_name(args.dtype) if args.dtype else default_dtype("cpu")
+    except ConfigError as e:  # before any measuring: one clear line
+        ap.error(str(e))
     workloads = [replace(w, scale=getattr(torch, dtype).itemsize / 2) for w in workloads]
     with tempfile.TemporaryDirectory(prefix="flexgen-validate-", dir=args.offload_dir) as tmp:
         # without --profile, each workload gets a profile measured right before it (see validate)
