@@ -183,3 +183,19 @@ def test_search_picks_the_4bit_kernel_from_the_profile_curves():
         p = pick(hw, gbs)
         assert p.compress_weight and p.int4_kernel == want, (hw.mm_curve, p)
     assert pick(HW, 64).int4_kernel == "auto"  # no fused-kernel curve measured: the engine's own rule
+
+
+def test_a_weight_split_between_two_tiers_leaves_no_disk_share_behind():
+    """Percentages that sum to 100 in decimal leave a float residue (1 - 0.09337 - 0.90663 ~ 1e-16):
+    it must not count as weights on disk, which would reserve disk staging and make a split between
+    the compute tier and the host infeasible under a zero disk budget (found by policy.validate in
+    bf16, where the optimum splits opt-125m's weights 9.337 / 90.663)."""
+    from flexgen_helm.policy.cost_model import policy_variables
+    pol = Policy(w_gpu_percent=9.337, w_cpu_percent=90.663)
+    assert 1.0 - 9.337 / 100 - 90.663 / 100 > 0  # the residue this guards against
+    assert pol.fractions("w")[2] == 0.0
+    x = policy_variables(SPEC, pol)
+    assert x["wd"] == 0.0 and x["zw"] == 0.0
+    est = estimate(SPEC, pol, HW, 32, 8, 2, exact_memory=False)
+    assert est.memory["disk"] == 0, est.memory
+    assert Policy(w_gpu_percent=9.337, w_cpu_percent=90.66).fractions("w")[2] == pytest.approx(3e-5)

@@ -141,7 +141,10 @@ class Policy:
         """(gpu, cpu, disk) fractions in [0, 1] for kind in {"w", "cache", "act"}."""
         g = getattr(self, f"{kind}_gpu_percent") / 100.0
         c = getattr(self, f"{kind}_cpu_percent") / 100.0
-        return g, c, max(0.0, 1.0 - g - c)
+        d = 1.0 - g - c
+        # 1 - 0.09337 - 0.90663 leaves ~1e-16: float residue, not a disk share (it would reserve
+        # disk staging and fail a zero disk budget)
+        return g, c, d if d > 1e-9 else 0.0
 
     @classmethod
     def from_percent(cls, percent: list[float] | tuple[float, ...], **kw) -> "Policy":
