@@ -210,7 +210,7 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     row_counts = sorted({pol.gpu_batch_size, n, 16, 64, 256, 1024})
     from .engine.layers import linear  # the engine's dense kernel choice (faster than torch's emulated bf16)
     rates = {rows: mm_rate(rows, lambda a: linear(a, w)) for rows in row_counts}
-    int4_rates = {rows: mm_rate(rows, w4.matmul) for rows in row_counts} if fused else {}
+    int4_rates = {rows: mm_rate(rows, lambda a: linear(a, w4)) for rows in row_counts} if fused else {}
     best = max([*rates.values(), *int4_rates.values()])
     io = disk_bytes / disk_bw if disk_bw else 0.0
     prefill = max(io, spec.step_matmul_flops(n * prompt_len) / best)
