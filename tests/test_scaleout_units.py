@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 
 import pytest
 
@@ -169,3 +170,55 @@ def test_cache_key_separates_deployments_and_compute_dtypes():
     assert key("flexgen/x", device="cpu", dtype="float32")["dtype"] == "float32"
     assert key("flexgen/x", device="cpu") != key("flexgen/x-4bit", device="cpu")
     assert key("flexgen/x", device="cpu") == key("flexgen/x", device="cpu", gpu_batch_size=7)  # placement: same
+
+
+@pytest.mark.parametrize("during", ["state", "submit", "sleep"])
+def test_ctrl_c_inside_a_backend_call_that_swallows_it_still_cancels_every_job(tmp_path, monkeypatch, during):
+    """HELM's Slurm helpers retry on any exception, KeyboardInterrupt included (`retrying`), so a
+    Ctrl-C landing inside scontrol/sbatch was lost and the launcher kept polling. The launcher holds
+    the signal while a backend call runs and raises it after: every live job is cancelled."""
+    import signal
+
+    from flexgen_helm.helm.launch import LaunchOptions, launch
+
+    class SwallowingBackend:
+        name = "fake"
+
+        def __init__(self):
+            self.submitted, self.cancelled, self.polls = [], [], 0
+
+        def _ctrl_c_swallowed(self):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes: give it some
+                    pass
+            except KeyboardInterrupt:
+                pass  # what `retrying` does, then it calls again and returns the answer
+
+        def submit(self, shard, argv, log):
+            self.submitted.append(shard.index)
+            if during == "submit" and len(self.submitted) == 2:
+                self._ctrl_c_swallowed()
+            return shard.index
+
+        def state(self, handle):
+            self.polls += 1
+            if during == "state" and self.polls == 3:
+                self._ctrl_c_swallowed()
+            return "done" if self.polls > 50 else "running"  # a lost Ctrl-C ends here, not in a hang
+
+        def cancel(self, handle):
+            self.cancelled.append(handle)
+
+    backend = SwallowingBackend()
+    opts = RunOptions(conf=[], model="m", suite="s", output_path=str(tmp_path))
+    lo = LaunchOptions(shards=3, max_jobs=3, poll_s=0.01, summarize=False)
+    if during == "sleep":  # a Ctrl-C outside backend calls is raised at once, as before
+        real_sleep, calls = time.sleep, []
+        monkeypatch.setattr(time, "sleep", lambda s: (calls.append(s), os.kill(os.getpid(), signal.SIGINT)
+                                                      if len(calls) == 2 else real_sleep(s))[-1])
+    with pytest.raises(KeyboardInterrupt):
+        launch(opts, backend, lo)
+    assert sorted(backend.cancelled) == sorted(backend.submitted) and backend.submitted
+    assert backend.polls <= 12
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

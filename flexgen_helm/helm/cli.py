@@ -66,8 +66,8 @@ def _run_helm(args: argparse.Namespace) -> int:
     if scaleout_cli.is_launch(args):  # --slurm / --gpus / --workers: this process only follows the shards
         try:
             return scaleout_cli.launch(args, opts)
-        except KeyboardInterrupt:
-            return 130
+        except KeyboardInterrupt as e:  # the launcher has cancelled its jobs
+            return getattr(e, "exit_code", 130)
     from .interrupts import RunInterrupted
     started = time.time()
     try:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ..engine.config import ConfigError
 from . import shards
 from .batch_run import RunOptions
+from .interrupts import deferred_signals, terminate_on_signals
 from .shards import Shard
 
 RESULT_DIR = "scaleout"  # under the suite folder: job logs and one result file per finished shard
@@ -203,6 +204,39 @@ class Progress:
         self.last, self.printed = counts, time.time()
 
 
+def _follow(backend: Backend, opts: RunOptions, lo: LaunchOptions, suite_path: str, jobs: list[_Job],
+            progress: Progress, count: int, summary: LaunchSummary) -> None:
+    """Submit shards (at most lo.max_jobs at a time) and poll them until none is waiting, queued or
+    running; failed shards are resubmitted up to lo.retries times (they resume from their caches)."""
+    while any(j.state in ("waiting", "queued", "running") for j in jobs):
+        active = sum(j.state in ("queued", "running") for j in jobs)
+        for j in jobs:
+            if j.state == "waiting" and active < lo.max_jobs:
+                with deferred_signals():
+                    _submit(backend, opts, suite_path, j)
+                active += 1
+        progress.show(jobs, min(lo.max_jobs, count))
+        time.sleep(lo.poll_s)
+        for j in jobs:
+            if j.state not in ("queued", "running"):
+                continue
+            with deferred_signals():
+                state = backend.state(j.handle)
+            if state == "running" and j.state == "queued":
+                j.started = time.time()
+            if state == "failed" and read_result(suite_path, j.shard) is not None:
+                state = "done"  # it ended normally and reported its failed runs: a retry cannot help
+            if state == "failed" and j.attempts <= lo.retries:
+                print(f"[{backend.name}] shard {j.shard} failed (attempt {j.attempts}, log {j.log}); "
+                      "resubmitting: it resumes from its cache", file=sys.stderr, flush=True)
+                summary.resubmitted += 1
+                state = "waiting"
+            elif state == "failed":
+                summary.failed[str(j.shard)] = f"failed {j.attempts} time(s); last log: {j.log}"
+            j.state = state
+    progress.show(jobs, min(lo.max_jobs, count), force=True)
+
+
 def launch(opts: RunOptions, backend: Backend, lo: LaunchOptions) -> LaunchSummary:
     if opts.shard is not None:
         raise ConfigError("--shard is what the launcher passes to each job: do not combine it with --slurm/--workers")
@@ -218,31 +252,11 @@ def launch(opts: RunOptions, backend: Backend, lo: LaunchOptions) -> LaunchSumma
     summary = LaunchSummary()
     t0 = time.time()
     try:
-        while any(j.state in ("waiting", "queued", "running") for j in jobs):
-            active = sum(j.state in ("queued", "running") for j in jobs)
-            for j in jobs:
-                if j.state == "waiting" and active < lo.max_jobs:
-                    _submit(backend, opts, suite_path, j)
-                    active += 1
-            progress.show(jobs, min(lo.max_jobs, count))
-            time.sleep(lo.poll_s)
-            for j in jobs:
-                if j.state not in ("queued", "running"):
-                    continue
-                state = backend.state(j.handle)
-                if state == "running" and j.state == "queued":
-                    j.started = time.time()
-                if state == "failed" and read_result(suite_path, j.shard) is not None:
-                    state = "done"  # it ended normally and reported its failed runs: a retry cannot help
-                if state == "failed" and j.attempts <= lo.retries:
-                    print(f"[{backend.name}] shard {j.shard} failed (attempt {j.attempts}, log {j.log}); "
-                          "resubmitting: it resumes from its cache", file=sys.stderr, flush=True)
-                    summary.resubmitted += 1
-                    state = "waiting"
-                elif state == "failed":
-                    summary.failed[str(j.shard)] = f"failed {j.attempts} time(s); last log: {j.log}"
-                j.state = state
-        progress.show(jobs, min(lo.max_jobs, count), force=True)
+        # Ctrl-C / SIGTERM are held while a backend call runs, then raised: HELM's Slurm helpers retry
+        # on any exception (`retrying` catches KeyboardInterrupt too), so a Ctrl-C landing inside
+        # scontrol was swallowed and the launcher kept polling with its jobs alive.
+        with terminate_on_signals():
+            _follow(backend, opts, lo, suite_path, jobs, progress, count, summary)
     except KeyboardInterrupt:
         live = [j for j in jobs if j.state in ("queued", "running")]
         for j in live:
