@@ -16,7 +16,6 @@ import time
 from .engine.config import MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 
 
-
 def register(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmark of the engine (or a baseline) on one block")
     p.add_argument("--model", default="dummy:opt-1.3b", help="checkpoint dir, hub id, or dummy:NAME (any public size of a supported family, "

@@ -127,15 +127,15 @@ class Policy:
 
     @property
     def w_disk_percent(self) -> float:
-        return 100.0 - self.w_gpu_percent - self.w_cpu_percent
+        return 100.0 * self.fractions("w")[2]
 
     @property
     def cache_disk_percent(self) -> float:
-        return 100.0 - self.cache_gpu_percent - self.cache_cpu_percent
+        return 100.0 * self.fractions("cache")[2]
 
     @property
     def act_disk_percent(self) -> float:
-        return 100.0 - self.act_gpu_percent - self.act_cpu_percent
+        return 100.0 * self.fractions("act")[2]
 
     def fractions(self, kind: str) -> tuple[float, float, float]:
         """(gpu, cpu, disk) fractions in [0, 1] for kind in {"w", "cache", "act"}."""
