@@ -212,10 +212,27 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     int4_rates = {rows: mm_rate(rows, lambda a: linear(a, w4)) for rows in row_counts} if fused else {}
     best = max([*rates.values(), *int4_rates.values()])
     io = disk_bytes / disk_bw if disk_bw else 0.0
-    prefill = max(io, spec.step_matmul_flops(n * prompt_len) / best)
-    decode = max(io, spec.step_matmul_flops(n) / best)
+    mm_pre, mm_dec = spec.step_matmul_flops(n * prompt_len) / best, spec.step_matmul_flops(n) / best
+    prefill, decode = max(io, mm_pre), max(io, mm_dec)
     total = prefill + (gen_len - 1) * decode
     bound_tput = n * gen_len / total
+    # Beside the bound, not in it: what the same steps take when compute and the disk stream slow
+    # each other down as measured here (profiler._measure_contention; on a 2-core VM both lose a third
+    # to a half of their rate), max(C + D (1 - sc) / sd, D + C (1 - sd) / sc) per step.
+    contended = {}
+    if io and store.disk is not None:
+        from .policy.profiler import _measure_contention
+        best_rows = max(rates, key=rates.get)
+        a = torch.randn(best_rows, h, dtype=eng.dtype)
+        probe_mb = min(256, max(8, disk_bytes >> 20))
+        sc, sd = _measure_contention(lambda: linear(a, w), eng.tiers.offload_dir, probe_mb << 20, 1.0)
+
+        def both(c: float) -> float:
+            return max(c + io * (1 - sc) / sd, io + c * (1 - sd) / sc)
+        c_total = both(mm_pre) + (gen_len - 1) * both(mm_dec)
+        contended = {"compute_share_beside_disk": sc, "disk_share_beside_compute": sd,
+                     "generation_throughput_bound_with_contention": n * gen_len / c_total,
+                     "fraction_of_bound_with_contention": measured / (n * gen_len / c_total)}
     return {"formula": "per step: max(disk weight bytes / disk read bw, matmul FLOPs / matmul FLOP/s)",
             "disk_weight_bytes": disk_bytes, "disk_read_bw": disk_bw,
             "matmul_flops_per_s_by_rows": rates, "int4_fused_flops_per_s_by_rows": int4_rates,
@@ -224,7 +241,7 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
             "generation_throughput_bound": bound_tput, "fraction_of_bound": measured / bound_tput,
             # the disk read in the engine's layer-sized pieces: what the disk gives this access pattern
             "disk_read_bw_layer_pieces": layer_bw,
-            "disk_s_per_step_at_layer_rate": disk_bytes / layer_bw if layer_bw else None}
+            "disk_s_per_step_at_layer_rate": disk_bytes / layer_bw if layer_bw else None, **contended}
 
 
 def _progress(msg: str) -> None:

@@ -26,5 +26,8 @@ def test_bench_json_has_bound_breakdown_and_baseline(tiny_opt, tmp_path, monkeyp
     b = d["bound"]
     assert b["disk_read_bw"] > 0 and b["disk_read_bw_layer_pieces"] > 0 and 0 < b["fraction_of_bound"]
     assert b["decode_step_bound_s"] > 0 and b["disk_s_per_step_at_layer_rate"] > 0
+    # beside it, the same steps with the measured compute/disk contention: never a higher bound
+    assert 0 < b["compute_share_beside_disk"] <= 1 and 0 < b["disk_share_beside_compute"] <= 1
+    assert b["generation_throughput_bound_with_contention"] <= b["generation_throughput_bound"] * (1 + 1e-9)
     if kernel == "dequantize":
         assert d["time_breakdown_s"]["dequantization_in_io_threads"] > 0

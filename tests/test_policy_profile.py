@@ -9,6 +9,7 @@ import pytest
 
 from flexgen_helm.engine.config import ConfigError
 from flexgen_helm.engine.model_spec import spec_from_name
+from flexgen_helm.policy import profiler
 from flexgen_helm.policy.profiler import (HardwareProfile, head_key, layer_key, load_or_measure, load_profile,
                                           measure_profile, opt_probe_spec, with_widths)
 
@@ -29,7 +30,7 @@ def test_json_round_trip(tmp_path):
     p.to_json(str(path))
     q = HardwareProfile.from_json(str(path))
     assert q == p
-    assert json.loads(path.read_text())["schema"] == 2
+    assert json.loads(path.read_text())["schema"] == profiler.SCHEMA
     p.layer_curves = {768: [(1, 1e9), (64, 5e10)], 2048: [(1, 2e9), (64, 8e10)],
                       layer_key(TOY_GQA): [(1, 3e9), (64, 9e10)]}
     p.to_json(str(path))
@@ -98,6 +99,7 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     # measured as differences of two timings, clamped at 0: legitimately 0 when below the noise
     for f in ("sched_overhead_s", "disk_block_s"):
         assert getattr(p, f) >= 0, f
+    assert 0 < p.compute_share_disk <= 1 and 0 < p.disk_share_compute <= 1
     assert len(p.mm_curve) >= 5
     from flexgen_helm.engine import kernels
     if kernels.available():  # fp32: the compiled 4-bit multiply's curve (the engine's fp32 fused path)
@@ -105,7 +107,6 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     assert set(p.layer_curves) == {64, 128} and set(p.head_curves) == {64, 128}
     assert p.layer_rate(8, opt_probe_spec(128)) > 0 and p.head_rate(4, opt_probe_spec(64)) > 0
     p.to_json(str(tmp_path / "cache" / "x.json"))
-    from flexgen_helm.policy import profiler
     path = profiler.cache_path("cpu", "float32")
     p.to_json(path)
     assert load_or_measure("cpu", "float32") == p  # served from the cache, not re-measured
@@ -115,6 +116,24 @@ def test_quick_measurement_and_cache(tmp_path, monkeypatch):
     assert q.layer_curves[64] == p.layer_curves[64] and q.layer_rate(8, TOY_GQA) > 0 and q.head_rate(4, TOY_GQA) > 0
     assert load_or_measure("cpu", "float32") == q
     assert load_or_measure("cpu", "float32", spec=TOY_GQA) == q  # nothing left to measure
+
+
+def test_a_cached_profile_older_than_a_measured_field_is_measured_again(tmp_path, monkeypatch):
+    """Cached before the compute/disk contention shares existed, a profile would predict with their
+    defaults (no contention): the cache is measured again instead."""
+    monkeypatch.setenv("FLEXGEN_HELM_CACHE", str(tmp_path))
+    path = profiler.cache_path("cpu", "float32")
+    _profile().to_json(path)
+    d = json.loads(open(path).read())
+    d["schema"] = 2
+    del d["compute_share_disk"], d["disk_share_compute"]
+    with open(path, "w") as f:
+        json.dump(d, f)
+    fresh = replace(_profile(), name="fresh", compute_share_disk=0.6)
+    monkeypatch.setattr(profiler, "measure_profile", lambda **kw: fresh)
+    assert load_or_measure("cpu", "float32") == fresh
+    monkeypatch.setattr(profiler, "measure_profile", lambda **kw: pytest.fail("measured twice"))
+    assert load_or_measure("cpu", "float32") == fresh  # cached now, at the current schema
 
 
 def test_other_machines_profiles_are_not_extended():

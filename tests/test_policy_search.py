@@ -199,3 +199,55 @@ def test_a_weight_split_between_two_tiers_leaves_no_disk_share_behind():
     est = estimate(SPEC, pol, HW, 32, 8, 2, exact_memory=False)
     assert est.memory["disk"] == 0, est.memory
     assert Policy(w_gpu_percent=9.337, w_cpu_percent=90.66).fractions("w")[2] == pytest.approx(3e-5)
+
+
+def test_compute_and_disk_contention_lengthens_only_the_slots_that_touch_the_disk():
+    """With a profile whose compute keeps sc of its rate beside a disk stream and whose disk keeps sd
+    of its rate beside compute, a slot with C seconds of compute and D of disk lasts
+    max(C + D (1 - sc) / sd, D + C (1 - sd) / sc) (or longer, for its other resources); slots
+    without disk traffic, and policies without any, are unchanged."""
+    from flexgen_helm.policy.cost_model import model_for_policy, policy_variables
+    sc, sd = 0.5, 0.8
+    hw = replace(HW, compute_share_disk=sc, disk_share_compute=sd)
+    host = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4, num_gpu_batches=2)
+    assert estimate(SPEC, host, hw, 32, 8, 2).block_s == pytest.approx(estimate(SPEC, host, HW, 32, 8, 2).block_s)
+    disk = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4, num_gpu_batches=2)
+    base, cont = model_for_policy(SPEC, disk, HW, 32, 8, 2), model_for_policy(SPEC, disk, hw, 32, 8, 2)
+    x = policy_variables(SPEC, disk, base)
+    for s0, s1 in zip(base.prefill + base.decode, cont.prefill + cont.decode):
+        r0 = {k: v.value(x) for k, v in s0.resources.items()}
+        c, d = r0["compute"], r0.get("disk", 0.0)
+        others = max(v for k, v in r0.items() if k not in ("compute", "disk"))
+        expect = max(others, c + d * (1 - sc) / sd, d + c * (1 - sd) / sc) if d else max(others, c)
+        assert max(v.value(x) for v in s1.resources.values()) == pytest.approx(expect), s0.name
+    slower = estimate(SPEC, disk, hw, 32, 8, 2).block_s / estimate(SPEC, disk, HW, 32, 8, 2).block_s
+    assert slower > 1.05
+    # and the profile keeps the measured shares through its JSON form (absent in old files: 1.0)
+    d = hw.to_dict()
+    assert HardwareProfile.from_dict(d).compute_share_disk == sc
+    del d["compute_share_disk"], d["disk_share_compute"]
+    assert HardwareProfile.from_dict(d).disk_share_compute == 1.0
+
+
+def test_a_candidate_just_over_a_budget_is_replanned_to_fit():
+    """The LP plans with a linear mirror of the engine's memory plan; a candidate that overshoots a
+    budget by a few KB of alignment is re-planned against the exact plan (for the search's choice
+    and for validate's alternatives alike), not dropped or run over budget."""
+    from flexgen_helm.policy.search import Candidate, confirm, effective_budget
+    budget = MemoryBudget(gpu=5 * 10**6, cpu=8 * 10**6, disk=10**9)
+    res = search(SPEC, prompt_len=32, gen_len=8, budget=budget, hw=HW, dtype_bytes=2, num_prompts=16)
+    p = res.policy
+    mem = estimate(SPEC, p, HW, 32, 8, 2).memory
+    assert p.w_cpu_percent > 0  # the host tier holds weights, so it can give a few KB back
+    tight = MemoryBudget(gpu=budget.gpu, cpu=mem["cpu"] - 4096, disk=budget.disk)
+    limits = effective_budget(tight, "cpu", False)
+    fit, lps = confirm(SPEC, HW, res.best, limits, 32, 8, 2, 16, Policy())
+    assert fit is not None and lps >= 1
+    assert fit.estimate.memory["cpu"] <= tight.cpu
+    assert (fit.estimate.policy.gpu_batch_size, fit.estimate.policy.num_gpu_batches) == \
+        (p.gpu_batch_size, p.num_gpu_batches)
+    assert fit.per_token_s >= res.best.per_token_s * 0.999  # less memory: no faster
+    # one that fits is kept as it is
+    same, lps = confirm(SPEC, HW, res.best, effective_budget(budget, "cpu", False), 32, 8, 2, 16, Policy())
+    assert lps == 0 and same.estimate.policy == p
+    assert isinstance(same, Candidate)

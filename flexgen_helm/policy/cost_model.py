@@ -255,6 +255,8 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     # extra seconds per byte of a prefix read while weights stream beside it (profile: measured)
     mixed_extra = max(0.0, 1.0 / hw.disk_read_mixed_bw - rd_serial) if hw.disk_read_mixed_bw else 0.0
     share = not hw.copy_overlaps_compute  # CPU compute device: copies steal the compute cores
+    sc, sd = hw.compute_share_disk, hw.disk_share_compute
+    contention = sc < 1.0 or sd < 1.0
 
     def mm(rows: float, flops: float, prefill: bool) -> float:
         return flops / hw.mm_rate(rows, prefill)
@@ -405,6 +407,12 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
             disk = (wrd + own["rd"]) * rd + own["wr"] * wr
             if disk:
                 res["disk"] = disk
+                if contention:
+                    # compute C and disk D overlapping slow each other down (profile shares sc, sd):
+                    # the slot lasts max(C + D (1 - sc) / sd, D + C (1 - sd) / sc), linear in both
+                    comp = res["compute"]
+                    res["compute"] = comp + disk * ((1.0 - sc) / sd)
+                    res["disk"] = disk + comp * ((1.0 - sd) / sc)
             out.append(Slot(f"{tag}:{name}", cnt * count, res))
         return out
 

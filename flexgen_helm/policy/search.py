@@ -301,23 +301,32 @@ def search(spec: ModelSpec, *, prompt_len: int, gen_len: int, budget: MemoryBudg
                 tried[ngb] = try_ngb(gbs, ngb)
     cands.sort(key=lambda c: c.per_token_s)
     # Confirm with the engine's own memory_plan, best first (the LP used a linear mirror of it).
-    for i, c in enumerate(cands[:20]):
-        est = c.estimate
-        exact = estimate(spec, est.policy, hw, prompt_len, n_eff, dtype_bytes)
-        if not _fits(exact.memory, limits):
-            c.estimate = exact
-            return SearchResult(c, cands, lps)
-        p = est.policy
-        model = build_block_model(spec, hw, p.gpu_batch_size, p.num_gpu_batches, prompt_len, n_eff, dtype_bytes,
-                                  p.cpu_cache_compute, p.compress_weight, p.compress_cache, int4_kernel=p.int4_kernel)
-        fixed_est, k = plan_one(spec, hw, model, limits, prompt_len, n_eff, dtype_bytes, base, fixed,
-                                exact_memory=True)
+    for c in cands[:20]:
+        best, k = confirm(spec, hw, c, limits, prompt_len, n_eff, dtype_bytes, num_prompts, base, fixed)
         lps += k
-        if fixed_est is not None:
-            total = workload_time(fixed_est, spec, hw, num_prompts, dtype_bytes)
-            best = Candidate(fixed_est, total, total / ((num_prompts or p.block_size) * n_eff))
+        if best is not None:
             return SearchResult(best, cands, lps)
     raise ConfigError(_infeasible_message(spec, hw, prompt_len, n_eff, dtype_bytes, limits, budget))
+
+
+def confirm(spec: ModelSpec, hw: HardwareProfile, cand: Candidate, limits: dict[str, float | None],
+            prompt_len: int, gen_len: int, dtype_bytes: int, num_prompts: int | None, base: Policy,
+            fixed: dict[str, float] | None = None) -> tuple[Candidate | None, int]:
+    """The candidate as the engine would realise it within `limits` (effective_budget): as is when
+    the engine's own memory_plan fits, else re-planned against that plan (a solution at a budget's
+    edge in the LP's linear mirror can overshoot it by a few KB of alignment). (None if it cannot
+    fit, LPs solved.)"""
+    p = cand.estimate.policy
+    exact = estimate(spec, p, hw, prompt_len, gen_len, dtype_bytes)
+    if not _fits(exact.memory, limits):
+        return Candidate(exact, cand.total_s, cand.per_token_s), 0
+    model = build_block_model(spec, hw, p.gpu_batch_size, p.num_gpu_batches, prompt_len, gen_len, dtype_bytes,
+                              p.cpu_cache_compute, p.compress_weight, p.compress_cache, int4_kernel=p.int4_kernel)
+    est, k = plan_one(spec, hw, model, limits, prompt_len, gen_len, dtype_bytes, base, fixed, exact_memory=True)
+    if est is None:
+        return None, k
+    total = workload_time(est, spec, hw, num_prompts, dtype_bytes)
+    return Candidate(est, total, total / ((num_prompts or p.block_size) * gen_len)), k
 
 
 def _infeasible_message(spec: ModelSpec, hw: HardwareProfile, prompt_len: int, gen_len: int, dtype_bytes: int,

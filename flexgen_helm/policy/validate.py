@@ -29,7 +29,7 @@ from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
 from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
-from .search import Candidate, search, workload_time
+from .search import Candidate, confirm, effective_budget, search, workload_time
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,18 @@ def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: Hardw
 
     seen = {key(chosen.estimate.policy)}
     pool = []
+    limits, base = effective_budget(w.budget, hw.device, False), Policy(pin_weight=hw.device == "cuda")
     for c in sorted(cands, key=lambda c: c.per_token_s):
         k = key(c.estimate.policy)
         if k in seen or c.per_token_s < chosen.per_token_s * tie:
             continue
         # candidates were screened with the LP's linear memory mirror: confirm with the engine's plan
-        exact = estimate(spec, c.estimate.policy, hw, w.prompt_len, w.gen_len, dtype_bytes)
-        if not _fits(exact.memory, w.budget):
+        # (re-planned when at a budget's edge, as the search does for its choice)
+        fit, _ = confirm(spec, hw, c, limits, w.prompt_len, w.gen_len, dtype_bytes, w.num_prompts, base)
+        if fit is None or fit.per_token_s < chosen.per_token_s * tie:
             continue
         seen.add(k)
-        pool.append(Candidate(exact, c.total_s, c.per_token_s))
+        pool.append(fit)
     # a hand policy: the chosen batch shape, weights and cache in host memory, attention on the host
     p0 = chosen.estimate.policy
     hand = replace(p0, w_gpu_percent=0.0, w_cpu_percent=100.0, cache_gpu_percent=0.0, cache_cpu_percent=100.0,
