@@ -217,19 +217,18 @@ def step_bound(eng, n: int, prompt_len: int, gen_len: int, measured: float) -> d
     total = prefill + (gen_len - 1) * decode
     bound_tput = n * gen_len / total
     # Beside the bound, not in it: what the same steps take when compute and the disk stream slow
-    # each other down as measured here (profiler._measure_contention; on a 2-core VM both lose a third
-    # to a half of their rate), max(C + D (1 - sc) / sd, D + C (1 - sd) / sc) per step.
+    # each other down as measured here (profiler.measure_contention; on a 2-core VM both lose a third
+    # to a half of their rate): cost_model.contended per step.
     contended = {}
     if io and store.disk is not None:
-        from .policy.profiler import _measure_contention
+        from .policy.cost_model import contended
+        from .policy.profiler import measure_contention
         best_rows = max(rates, key=rates.get)
         a = torch.randn(best_rows, h, dtype=eng.dtype)
         probe_mb = min(256, max(8, disk_bytes >> 20))
-        sc, sd = _measure_contention(lambda: linear(a, w), eng.tiers.offload_dir, probe_mb << 20, 1.0)
+        sc, sd = measure_contention(lambda: linear(a, w), eng.tiers.offload_dir, probe_mb << 20, 1.0)
 
-        def both(c: float) -> float:
-            return max(c + io * (1 - sc) / sd, io + c * (1 - sd) / sc)
-        c_total = both(mm_pre) + (gen_len - 1) * both(mm_dec)
+        c_total = max(contended(mm_pre, io, sc, sd)) + (gen_len - 1) * max(contended(mm_dec, io, sc, sd))
         contended = {"compute_share_beside_disk": sc, "disk_share_beside_compute": sd,
                      "generation_throughput_bound_with_contention": n * gen_len / c_total,
                      "fraction_of_bound_with_contention": measured / (n * gen_len / c_total)}

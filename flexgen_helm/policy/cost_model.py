@@ -186,6 +186,15 @@ def decode_segments(prompt_len: int, gen_len: int, max_segments: int = 4) -> lis
     return out
 
 
+def contended(compute, disk, sc: float, sd: float):
+    """(compute, disk) terms of a stretch of C seconds of compute overlapping D seconds of disk
+    reads on a machine where compute keeps a share sc of its rate beside the reads and the disk sd
+    of its rate beside compute (profile: compute_share_disk, disk_share_compute): it lasts the
+    larger of C + D (1 - sc) / sd and D + C (1 - sd) / sc, not max(C, D). Linear in C and D, so it
+    works on seconds and on the LP's Lin terms alike."""
+    return compute + disk * ((1.0 - sc) / sd), disk + compute * ((1.0 - sd) / sc)
+
+
 def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, prompt_len: int,
                       gen_len: int, dtype_bytes: int, cpu_cache_compute: bool = False,
                       compress_weight: bool = False, compress_cache: bool = False,
@@ -408,11 +417,7 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
             if disk:
                 res["disk"] = disk
                 if contention:
-                    # compute C and disk D overlapping slow each other down (profile shares sc, sd):
-                    # the slot lasts max(C + D (1 - sc) / sd, D + C (1 - sd) / sc), linear in both
-                    comp = res["compute"]
-                    res["compute"] = comp + disk * ((1.0 - sc) / sd)
-                    res["disk"] = disk + comp * ((1.0 - sd) / sc)
+                    res["compute"], res["disk"] = contended(res["compute"], disk, sc, sd)
             out.append(Slot(f"{tag}:{name}", cnt * count, res))
         return out
 

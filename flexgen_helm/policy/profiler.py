@@ -96,7 +96,7 @@ class HardwareProfile:
     disk_read_mixed_bw: float | None = None
     disk_sync_s: float = 0.0  # extra cost of reading a disk KV block right after appending a row to it
     # Shares of their rates that compute keeps while the disk streams weights, and the disk keeps
-    # while compute runs (_measure_contention; 1.0: independent, as FlexGen's model assumes)
+    # while compute runs (measure_contention; 1.0: independent, as FlexGen's model assumes)
     compute_share_disk: float = 1.0
     disk_share_compute: float = 1.0
     # Matmul throughput of layer-shaped products, as (rows, FLOP/s) points; rows = tokens in the
@@ -276,12 +276,12 @@ def load_or_measure(device: str = "cpu", dtype: str | None = None, offload_dir: 
     prof = None
     if not refresh and os.path.exists(path):
         try:
-            prof = HardwareProfile.from_json(path)
             with open(path) as f:
-                if json.load(f).get("schema", 0) < SCHEMA:
-                    prof = None  # cached before a measured field existed: its default would mislead
+                d = json.load(f)
+            # cached before a measured field existed: its default would mislead, so measure again
+            prof = HardwareProfile.from_dict(d) if d.get("schema", 0) >= SCHEMA else None
         except (ConfigError, OSError, ValueError):
-            prof = None  # stale or broken cache: measure again
+            prof = None  # broken cache: measure again
     if prof is None:
         prof = measure_profile(device=device, dtype=dtype, offload_dir=offload_dir, log=log)
         prof.to_json(path)
@@ -430,7 +430,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
         it32[0] += 1
         layers.linear(layers.linear(x32, w1), w2)
         sync()
-    share_c, share_d = _measure_contention(mlp32, offload_dir, disk_mb << 20, per / 2)
+    share_c, share_d = measure_contention(mlp32, offload_dir, disk_mb << 20, per / 2)
     log(f"beside a disk stream compute keeps {share_c:.0%} of its rate; beside compute the disk keeps "
         f"{share_d:.0%} of its read rate")
     del pairs
@@ -807,7 +807,7 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
                 "disk_sync_s": sync_s, "disk_direct": f.direct}
 
 
-def _measure_contention(work: Callable[[], None], offload_dir: str | None, nbytes: int,
+def measure_contention(work: Callable[[], None], offload_dir: str | None, nbytes: int,
                         per: float) -> tuple[float, float]:
     """(share of its rate `work` keeps while the disk streams, share of its read rate the disk keeps
     while `work` runs), each in (0, 1]. `work` is one synchronized compute call on the compute device.

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
-from ..engine.config import ConfigError, MemoryBudget, Policy, parse_bytes
+from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
 from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
@@ -261,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
-    from ..engine.config import ConfigError, default_dtype, dtype_name
     try:
         dtype = dtype_name(args.dtype) if args.dtype else default_dtype("cpu")
     except ConfigError as e:  # before any measuring: one clear line
