@@ -119,6 +119,27 @@ def test_compressed_path_equals_quantize_dequantize_reference(variant, what, tmp
         assert sum(x < 1e-4 for x in diffs) >= 0.9 * len(diffs) and max(diffs) < 5e-2
 
 
+@pytest.mark.parametrize("variant, over, bits", [
+    # 2 x 3 x 2 x 24 = 288 values per position: not whole 128-code blocks, so positions are packed one
+    # by one (a 13-token prompt crashed when 3 positions happened to fill whole blocks)
+    ("qwen3", dict(hidden_size=72, head_dim=24, num_attention_heads=4, num_key_value_heads=2), 4),
+    # a compressed cache of a windowed model (the reference must keep HF's window mask)
+    ("mistral", dict(head_dim=8, sliding_window=3, num_hidden_layers=3), 3),
+])
+def test_compressed_cache_with_odd_widths_and_windows_equals_the_reference(variant, over, bits, tmp_path):
+    d = build_tiny_family(str(tmp_path / "m"), variant, seed=8, tokenizer=False, **over)
+    kv = CompressionConfig(bits, 64, -1)
+    g = torch.Generator().manual_seed(5)
+    prompts = [[0] + torch.randint(4, 400, (n,), generator=g).tolist() for n in (12, 3, 30, 1, 17)]
+    ref = hf_reference(d, prompts, NEW, lambda hf: C.fake_quantize_kv_cache(hf, kv))
+    for placement in ("all-compute", "all-host-ccc", "all-disk"):
+        pol = Policy(gpu_batch_size=2, num_gpu_batches=2, compress_cache=True, comp_cache_config=kv,
+                     **PLACEMENTS[placement])
+        off = tmp_path / placement
+        off.mkdir()
+        _assert_matches(_run(d, pol, off, prompts), ref)
+
+
 def test_legacy_rope_keys_read_like_rope_parameters(tmp_path):
     new = build_tiny_family(str(tmp_path / "new"), "llama", seed=5, tokenizer=False)
     old = build_tiny_family(str(tmp_path / "old"), "llama", seed=5, tokenizer=False, legacy_rope_keys=True)

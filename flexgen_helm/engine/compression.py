@@ -80,6 +80,14 @@ def packed_nbytes(shape, cfg: CompressionConfig) -> int:
     return -(-(outer * ng * g * inner) // codes) * nbytes
 
 
+def stacks_by_concatenation(shape, cfg: CompressionConfig) -> bool:
+    """Is the packed form of n tensors of `shape` stacked on a new leading axis the concatenation of
+    their packed forms, for every n? Yes when the group axis is counted from the end (stacking leaves
+    it in place) and one tensor's codes fill whole blocks (no block padding between them)."""
+    outer, _, ng, g, inner = _layout(shape, cfg)
+    return cfg.group_dim < 0 and (outer * ng * g * inner) % _BLOCK[cfg.num_bits][0] == 0
+
+
 def meta_numel(shape, cfg: CompressionConfig) -> int:
     """Number of fp16 meta values: 2 per group (lo, step), 1 when symmetric (step)."""
     outer, _, ng, _, inner = _layout(shape, cfg)
@@ -349,6 +357,7 @@ def fake_quantize_kv_cache(model: torch.nn.Module, cfg: CompressionConfig,
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if not hasattr(model, "set_attn_implementation"):
         raise ConfigError("fake_quantize_kv_cache needs a transformers model (set_attn_implementation)")
@@ -360,6 +369,8 @@ def fake_quantize_kv_cache(model: torch.nn.Module, cfg: CompressionConfig,
 
     name = f"flexgen_fake_quantized_kv_{id(model)}"
     AttentionInterface.register(name, attention)
+    # the mask too: an attention name without one gets no sliding window (Mistral, Qwen2 windows)
+    AttentionMaskInterface.register(name, sdpa_mask)
     model.set_attn_implementation(name)
 
     class _Restore:

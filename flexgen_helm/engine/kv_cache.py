@@ -124,8 +124,7 @@ class CacheBlock:
 
     def _prefix_aligned(self) -> bool:
         """Is the packed form of n positions the concatenation of n per-position rows?"""
-        return compression.packed_nbytes((2,) + self.shape[1:3] + self.shape[4:], self.cfg) * 3 == \
-            compression.packed_nbytes((3, 2) + self.shape[1:3] + self.shape[4:], self.cfg)
+        return compression.stacks_by_concatenation((2,) + self.shape[1:3] + self.shape[4:], self.cfg)
 
     # ---- reads -----------------------------------------------------------------------------
     def attends_in_place(self, num_q_heads: int) -> bool:
