@@ -527,7 +527,7 @@ def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monk
         if kernels.available() and k % 32 == 0:  # the loop itself took the few-row calls
             assert kernels.bf16_matmul(w, x[:4], layers.BF16_LOOP_MAX_ROWS) is not None
         assert kernels.bf16_matmul(w, x, 4) is None  # beyond max_rows: the caller widens
-    monkeypatch.setattr(layers, "_WIDEN_CHUNK", 96 * 7)  # the widened weight in blocks of 7 rows
+    monkeypatch.setattr(layers, "WIDEN_CHUNK", 96 * 7)  # the widened weight in blocks of 7 rows
     w, x = torch.randn(40, 96).bfloat16(), torch.randn(2, 60, 96).bfloat16()
     assert torch.allclose(layers.linear(x, w).float(), x.float() @ w.float().T, rtol=2 ** -7, atol=0.05)
     x3 = torch.randn(2, 3, 384).bfloat16()
@@ -553,7 +553,7 @@ def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_lo
                         lambda self, a, b, out: calls.append((a, b)) or real(self, a, b, out))
     for n, k, g, chunk in ((96, 256, 64, None), (70, 384, 128, 384 * 16)):
         if chunk:
-            monkeypatch.setattr(layers, "_WIDEN_CHUNK", chunk)  # blocks of 16 rows: 16+16+16+16+6
+            monkeypatch.setattr(layers, "WIDEN_CHUNK", chunk)  # blocks of 16 rows: 16+16+16+16+6
         cfg = CompressionConfig(group_dim=1, group_size=g)
         w = torch.randn(n, k) * torch.logspace(-2, 1, k)
         wq = C.GroupInt4Weight.from_dense(w, cfg, torch.float32)

@@ -295,6 +295,40 @@ def test_compressed_weight_bytes_from_engine_accounting():
     assert plan4["cpu"] < 0.3 * plan16["cpu"]  # the same host budget holds a >3x larger cache
 
 
+@pytest.mark.parametrize("dtype, compress", [(torch.bfloat16, False), (torch.float32, True)])
+def test_plan_counts_the_cpu_fp32_widening_scratch(tiny_opt, tmp_path, monkeypatch, dtype, compress):
+    """Matmuls that widen weights to fp32 on the CPU (4-bit weights, bf16 where the CPU emulates it,
+    beyond the compiled loops' rows) hold a reused fp32 weight block plus fp32 copies of the input and
+    product: the workspace counts them (what a run allocates there stays within the added term)."""
+    import threading
+
+    from flexgen_helm.engine import layers
+    from flexgen_helm.engine.placement import step_workspace_nbytes
+    monkeypatch.setattr(layers, "bf16_emulated", lambda: True)
+    monkeypatch.setattr(layers, "_scratch", threading.local())
+    real, seen = layers._fp32_linear, []
+
+    def spy(x, shape, fill):
+        y = real(x, shape, fill)
+        seen.append(layers._scratch.fp32.numel() * 4 + x.numel() // x.shape[-1] * sum(shape) * 4)
+        return y
+    monkeypatch.setattr(layers, "_fp32_linear", spy)
+    monkeypatch.setattr(layers, "BF16_LOOP_MAX_ROWS", 5)  # calls beyond 5 rows widen: prefills, not decodes
+    monkeypatch.setattr(layers, "INT4_LOOP_MAX_ROWS", 5)
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=compress)
+    spec = load_spec(tiny_opt)
+    with Engine.from_pretrained(tiny_opt, policy=pol, device="cpu", dtype=dtype, offload_dir=str(tmp_path)) as eng:
+        eng.generate(PROMPTS, max_new_tokens=NEW)
+    plen = max(len(p) for p in PROMPTS)
+    added = (step_workspace_nbytes(spec, pol, 2, plen, dtype.itemsize, False, cpu_compute=True)
+             - step_workspace_nbytes(spec, pol, 2, plen, dtype.itemsize, False, cpu_compute=False))
+    if compress and not layers.kernels.available():
+        return  # without the compiled loop 4-bit weights never widen
+    assert seen and max(seen) <= added, (max(seen), added)
+    assert step_workspace_nbytes(spec, Policy(gpu_batch_size=3), 1, plen, 4, False, cpu_compute=True) == \
+        step_workspace_nbytes(spec, Policy(gpu_batch_size=3), 1, plen, 4, False)  # dense fp32 never widens
+
+
 def test_no_overlap_gives_same_result(tiny_opt, ref, tmp_path):
     import dataclasses
     pol = dataclasses.replace(POLICIES["mixed-30-40-30"], overlap=False)

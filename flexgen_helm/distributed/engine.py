@@ -20,7 +20,7 @@ from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype
 from ..engine.engine import (Engine, GenerationResult, GenerationStats, Outputs, _check_policy, default_budget,
                              left_padded_micro_batch, over_budget, resolve_device)
 from ..engine.model_spec import ModelSpec, load_spec
-from ..engine.placement import layer_layout, memory_plan, workspace_nbytes
+from ..engine.placement import layer_layout, memory_plan, widens, workspace_nbytes
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import BlockTiming
 from ..engine.tiers import align_up
@@ -248,7 +248,8 @@ class DistributedEngine:
                 ng = min(self.groups, len(mbs))
                 groups = [list(range(len(mbs)))[g * len(mbs) // ng:(g + 1) * len(mbs) // ng] for g in range(ng)]
                 P = max(m.prompt_len for m in mbs)
-                ws = workspace_nbytes(self.spec, gbs, P, self.dtype.itemsize, gbs * (P if a["prompt_logprobs"] else 1))
+                ws = workspace_nbytes(self.spec, gbs, P, self.dtype.itemsize, gbs * (P if a["prompt_logprobs"] else 1),
+                                      widens(self.policy, self.dtype.itemsize, self.device.type == "cpu"))
                 tiers.stats["gpu"].reserve(ws, "compute workspace")
                 timeline = StageTimeline()
                 t0, p0 = time.perf_counter(), timing.prefill

@@ -241,7 +241,7 @@ class Engine:
                                            self.spec.pad_token_id, self.device) for m0 in range(0, len(block), gbs)]
             stats.padded_prompt_tokens += sum(mb.ids.numel() for mb in mbs)
             ws = step_workspace_nbytes(self.spec, self.policy, len(mbs), max(m.prompt_len for m in mbs),
-                                       self.dtype.itemsize, prompt_logprobs)
+                                       self.dtype.itemsize, prompt_logprobs, cpu_compute=self.device.type == "cpu")
             self.tiers.stats["gpu"].reserve(ws, "compute workspace")
             try:
                 with torch.no_grad():  # not inference_mode: I/O threads write these buffers too

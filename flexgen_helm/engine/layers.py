@@ -80,7 +80,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
 
 
 _scratch = threading.local()
-_WIDEN_CHUNK = 1 << 24  # values: the fp32 scratch stays <= 64 MB (a 128K-vocab head is 1 GB in fp32)
+WIDEN_CHUNK = 1 << 24  # values: the fp32 scratch stays <= 64 MB (a 128K-vocab head is 1 GB in fp32)
 
 
 def _fp32_linear(x: torch.Tensor, shape: tuple[int, int],
@@ -91,7 +91,7 @@ def _fp32_linear(x: torch.Tensor, shape: tuple[int, int],
     reused, an 8192 x 2048 bf16 product runs 100 instead of 68 GFLOP/s at 128 rows, 134 instead of
     100 at 256."""
     n, k = shape
-    step = max(1, _WIDEN_CHUNK // k)
+    step = max(1, WIDEN_CHUNK // k)
     buf = getattr(_scratch, "fp32", None)
     if buf is None or buf.numel() < min(n, step) * k:
         buf = _scratch.fp32 = torch.empty(min(n, step) * k, dtype=torch.float32)

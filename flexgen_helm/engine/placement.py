@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import layers
 from .config import Policy
 from .model_spec import ModelSpec
 from .tiers import ALIGN, align_up
@@ -147,25 +148,54 @@ def act_tier(policy: Policy) -> str:
     return "gpu" if g >= max(c, d) else ("cpu" if c >= d else "disk")
 
 
-def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, vocab_rows: int) -> int:
+def widens(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
+    """Whether CPU matmuls may go through layers' fp32 widening (4-bit weights, or bf16 where the CPU
+    emulates it). Counted for every 2-byte dtype on the CPU, so the plan holds on any CPU."""
+    return cpu_compute and (policy.compress_weight or dtype_bytes == 2)
+
+
+def widen_nbytes(spec: ModelSpec, rows: int, vocab_rows: int) -> int:
+    """Scratch of layers._fp32_linear, which matmuls of more rows than the compiled loops take
+    (decoder matmuls over `rows` rows, the head over `vocab_rows`) use: the reused fp32 weight block
+    of the largest such matrix, and the fp32 input and product of the widest such call (fused q/k/v
+    and gate/up). Without a C compiler bf16 widens at every row count; not counted here."""
+    h, e, f = spec.hidden, spec.embed_dim, spec.ffn
+    mlp_in = 2 * f if spec.mlp == "silu_gated" else f
+    limit = min(layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS)
+    calls = []
+    if rows > limit:
+        calls += [(rows, n, k) for n, k in ((spec.q_width + 2 * spec.kv_width, h), (h, spec.q_width),
+                                             (mlp_in, h), (h, f))]
+    if vocab_rows > limit:
+        calls.append((vocab_rows, spec.vocab_size, e))
+    if not calls:
+        return 0
+    block = max(min(n, max(1, layers.WIDEN_CHUNK // k)) * k for _, n, k in calls)
+    return 4 * (block + max(r * (n + k) for r, n, k in calls))
+
+
+def workspace_nbytes(spec: ModelSpec, rows: int, seq: int, dtype_bytes: int, vocab_rows: int,
+                     widen: bool = False) -> int:
     """Compute-tier scratch for one micro-batch step: activations, q/k/v, MLP intermediate,
-    attention scores (the math SDPA path can materialise them) and fp32 logits."""
+    attention scores (the math SDPA path can materialise them), fp32 logits, and with `widen` the
+    CPU's fp32 widening scratch (widen_nbytes)."""
     h = spec.hidden
     mlp = (2 if spec.mlp == "silu_gated" else 1) * spec.ffn
     acts = rows * seq * (2 * h + 2 * spec.q_width + 2 * spec.kv_width + mlp) * dtype_bytes
     scores = rows * spec.num_heads * seq * seq * 4 if seq > 1 else rows * spec.num_heads * 4 * 2048
     logits = vocab_rows * spec.vocab_size * 4 * 2
-    return acts + scores + logits
+    return acts + scores + logits + (widen_nbytes(spec, rows * seq, vocab_rows) if widen else 0)
 
 
 def step_workspace_nbytes(spec: ModelSpec, policy: Policy, micro_batches: int, prompt_len: int, dtype_bytes: int,
-                          prompt_logprobs: bool) -> int:
+                          prompt_logprobs: bool, cpu_compute: bool = False) -> int:
     """Compute-tier scratch of the larger phase: a prefill micro-batch, or (block-wide matmuls) one
     decode step's rows of every micro-batch at once, LM head logits included."""
     rows = policy.gpu_batch_size
-    ws = workspace_nbytes(spec, rows, prompt_len, dtype_bytes, rows * (prompt_len if prompt_logprobs else 1))
+    widen = widens(policy, dtype_bytes, cpu_compute)
+    ws = workspace_nbytes(spec, rows, prompt_len, dtype_bytes, rows * (prompt_len if prompt_logprobs else 1), widen)
     if policy.block_matmul and micro_batches > 1:
-        ws = max(ws, workspace_nbytes(spec, rows * micro_batches, 1, dtype_bytes, rows * micro_batches))
+        ws = max(ws, workspace_nbytes(spec, rows * micro_batches, 1, dtype_bytes, rows * micro_batches, widen))
     return ws
 
 
@@ -216,5 +246,6 @@ def memory_plan(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int, 
         out["cpu" if device_is_cuda else w] += 2 * raw
     act = act_tier(policy)
     out[act] += K * align_up(rows * prompt_len * spec.hidden * dtype_bytes)
-    out["gpu"] += step_workspace_nbytes(spec, policy, K, prompt_len, dtype_bytes, prompt_logprobs)
+    out["gpu"] += step_workspace_nbytes(spec, policy, K, prompt_len, dtype_bytes, prompt_logprobs,
+                                        cpu_compute=not device_is_cuda)
     return out

@@ -232,8 +232,9 @@ def build_block_model(spec: ModelSpec, hw: HardwareProfile, gbs: int, ngb: int, 
     stage_w = 2 * _align(max_st + ALIGN)
     mem = {
         "gpu": var("wg", W_st) + var("s", stage_w) + var("cg", nblocks * blk) + var("hg", act)
-        + const(step_workspace_nbytes(spec, Policy(gpu_batch_size=b, num_gpu_batches=K, block_matmul=block_matmul),
-                                    K, s, es, False) + (2 * max_dn if compress_weight else 0)),
+        + const(step_workspace_nbytes(spec, Policy(gpu_batch_size=b, num_gpu_batches=K, block_matmul=block_matmul,
+                                                   compress_weight=compress_weight),
+                                    K, s, es, False, cpu_compute=not cuda) + (2 * max_dn if compress_weight else 0)),
         "cpu": var("wc", W_st) + var("cc", nblocks * blk) + var("hc", act),
         "disk": var("wd", W_st) + var("zw", (L + 2) * ALIGN) + var("cd", nblocks * _align(blk)),
     }
