@@ -140,6 +140,41 @@ def test_compressed_cache_with_odd_widths_and_windows_equals_the_reference(varia
         _assert_matches(_run(d, pol, off, prompts), ref)
 
 
+def test_4bit_weights_in_bf16_are_quantized_from_the_checkpoint_values(family_ckpt, tmp_path):
+    """4-bit weights computed in bf16 equal the fp32 quantize-dequantize reference up to bf16 noise:
+    the codes come from the checkpoint's fp32 values, not from a bf16 rounding of them (which moved
+    codes across rounding boundaries: logprobs off by up to 0.5 on these random models)."""
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True, **PLACEMENTS["mixed"])
+    with Engine.from_pretrained(family_ckpt, policy=pol, device="cpu", dtype=torch.bfloat16,
+                                offload_dir=str(tmp_path)) as eng:
+        res = eng.generate(PROMPTS, max_new_tokens=NEW)
+    hf = AutoModelForCausalLM.from_pretrained(family_ckpt, dtype=torch.float32).eval()
+    C.fake_quantize_model(hf, pol.comp_weight_config)
+    worst = 0.0
+    with torch.no_grad():
+        for p, s, lp in zip(PROMPTS, res.sequences, res.logprobs):
+            logp = hf(torch.tensor([p + s])).logits.float().log_softmax(-1)[0, len(p) - 1:-1]
+            want = logp[torch.arange(len(s)), torch.tensor(s)].tolist()
+            worst = max(worst, max(abs(a - b) for a, b in zip(lp, want)))
+    assert worst < 0.1, worst  # dense bf16 against HF fp32 here: <= 0.03
+
+
+def test_bf16_cache_whose_block_is_not_whole_64_byte_lines(tmp_path):
+    """A dense bf16 cache block of 3 rows x 3 KV heads x 24 dims x an odd capacity is not a multiple
+    of 64 bytes; its allocation is rounded up and the block must view just its own bytes (crashed)."""
+    d = build_tiny_family(str(tmp_path / "m"), "mistral", seed=2, tokenizer=False, head_dim=24,
+                          num_attention_heads=6, num_key_value_heads=3, sliding_window=None)
+    prompts = [[0] + list(range(5, 5 + n)) for n in (4, 10, 1, 7, 2, 12)]  # capacity 13 + NEW: odd
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, **PLACEMENTS["mixed"])
+    with Engine.from_pretrained(d, policy=pol, device="cpu", dtype=torch.bfloat16, offload_dir=str(tmp_path)) as eng:
+        res = eng.generate(prompts, max_new_tokens=NEW)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p, s in zip(prompts, res.sequences):
+            logp = hf(torch.tensor([p + s])).logits.float().log_softmax(-1)[0, len(p) - 1:-1]
+            assert (logp.max(-1).values - logp[torch.arange(len(s)), torch.tensor(s)]).max() < 0.1
+
+
 def test_legacy_rope_keys_read_like_rope_parameters(tmp_path):
     new = build_tiny_family(str(tmp_path / "new"), "llama", seed=5, tokenizer=False)
     old = build_tiny_family(str(tmp_path / "old"), "llama", seed=5, tokenizer=False, legacy_rope_keys=True)

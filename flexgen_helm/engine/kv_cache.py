@@ -11,6 +11,7 @@ Layouts, chosen for what each tier does most:
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future
 
 import torch
@@ -52,8 +53,8 @@ class CacheBlock:
             self.file = tiers.disk_file(name, self.nbytes, "KV cache")
         else:
             mem = tiers.alloc(tier, self.nbytes, "KV cache")
-            if self.head_major:
-                self.buf = mem.view(dtype).view(self.shape)
+            if self.head_major:  # (the allocation is rounded up to 64 bytes: view just the shape's bytes)
+                self.buf = mem[:self.es * math.prod(self.shape)].view(dtype).view(self.shape)
             else:
                 self.raw = mem
 

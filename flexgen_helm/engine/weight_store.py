@@ -126,13 +126,17 @@ class WeightStore:
     def _build_flat(self, reader, j: int, lay: LayerLayout) -> torch.Tensor:
         """The layer's bytes on the host, quantized where the policy compresses weights."""
         flat = torch.zeros(lay.nbytes, dtype=torch.uint8)
-        tensors = {ref.role: t for ref, t in iter_layer_tensors(reader, self.spec.layer_tensors(j), self.dtype)}
+        tensors = {ref.role: t for ref, t in iter_layer_tensors(reader, self.spec.layer_tensors(j))}
         for slot in lay.slots:
             t = tensors[slot.role]
             dst = flat[slot.offset: slot.offset + slot.nbytes]
             if slot.kind == "dense":
-                dst.copy_(t.contiguous().view(-1).view(torch.uint8))
-            elif slot.kind in compression.FUSED_INT4_KINDS:
+                dst.copy_(t.to(self.dtype).contiguous().view(-1).view(torch.uint8))
+                continue
+            # quantized from the checkpoint's own values (fp32 where it has them), not from a bf16
+            # rounding of them: the codes then do not depend on the compute dtype
+            t = t.float()
+            if slot.kind in compression.FUSED_INT4_KINDS:
                 compression.FUSED_INT4_KINDS[slot.kind].write(t, self.policy.comp_weight_config, self.dtype, dst)
             else:  # "compressed" and "rows": the [packed | meta] format
                 compression.to_buffer(t, self.policy.comp_weight_config, out=dst)

@@ -134,12 +134,10 @@ def resolve_checkpoint(model: str) -> str:
         raise ConfigError(f"cannot download {model!r} from the hub ({e}); pass a local checkpoint directory") from e
 
 
-def iter_layer_tensors(reader, refs: list[TensorRef], dtype: torch.dtype) -> Iterator[tuple[TensorRef, torch.Tensor]]:
+def iter_layer_tensors(reader, refs: list[TensorRef]) -> Iterator[tuple[TensorRef, torch.Tensor]]:
+    """The layer's tensors in the checkpoint's own precision (callers cast or quantize them)."""
     for ref in refs:
-        if isinstance(reader, DummyReader):
-            yield ref, reader.get_shaped(ref).to(dtype)
-            continue
-        yield ref, read_checked(reader, ref).to(dtype)
+        yield ref, reader.get_shaped(ref) if isinstance(reader, DummyReader) else read_checked(reader, ref)
 
 
 def read_checked(reader: "CheckpointReader", ref: TensorRef) -> torch.Tensor:
