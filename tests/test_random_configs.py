@@ -5,7 +5,9 @@ tiers at random percentages, micro-batch shapes, prompt lengths 1-51.
 
 - fp32: the engine equals HF (tokens, logprobs to 1e-4);
 - 4-bit / 3-bit weights and KV cache: equal to HF with quantize-dequantize hooks;
-- bf16 (4-bit weights or dense): the greedy tokens are HF fp32's top choice within bf16 noise.
+- bf16 (4-bit weights or dense): the greedy tokens are HF fp32's top choice within bf16 noise;
+- searched: a random memory budget, the policy search's choice for it run under that budget: the
+  peaks stay within budget and memory plan, results equal HF (or the search names the budget to raise).
 
 A few cases of each run by default; `pytest -m slow` runs many. Each case is fixed by its seed, so a
 failure names the seed that reproduces it."""
@@ -131,7 +133,43 @@ def check_bf16(seed: int, tmp_path) -> None:
     assert gap < 0.15 and lp_diff < 0.15, (seed, pol, gap, lp_diff)
 
 
-CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16}
+def check_searched(seed: int, tmp_path) -> None:
+    import dataclasses
+
+    from flexgen_helm import ConfigError, MemoryBudget
+    from flexgen_helm.engine.model_spec import load_spec
+    from flexgen_helm.engine.placement import memory_plan
+    from flexgen_helm.policy.search import search
+    from test_policy_search import HW
+    r = random.Random(seed)
+    ckpt = random_checkpoint(r, str(tmp_path / "m"))
+    spec = load_spec(ckpt)
+    prompts, new = random_prompts(r)
+    P = max(map(len, prompts))
+    everything_on_compute = memory_plan(spec, Policy(gpu_batch_size=1), P, new, 4)["gpu"]
+    budget = MemoryBudget(gpu=int(everything_on_compute * r.uniform(0.2, 1.3)),
+                          cpu=int(spec.num_params() * 4 * r.uniform(0, 1.5)), disk=10**9)
+    try:
+        pol = search(spec, prompt_len=P, gen_len=new, budget=budget, hw=dataclasses.replace(HW, dtype="float32"),
+                     dtype_bytes=4, num_prompts=len(prompts), allow_compression=r.random() < 0.4).policy
+    except ConfigError as e:
+        assert "budget to at least" in str(e)
+        return
+    off = tmp_path / "offload"
+    off.mkdir()
+    with Engine.from_pretrained(ckpt, policy=pol, device="cpu", dtype=torch.float32, offload_dir=str(off),
+                                budget=budget, prompt_len=P, gen_len=new) as eng:
+        res = eng.generate(prompts, max_new_tokens=new)
+    plan = memory_plan(spec, pol, P, new, 4)
+    for tier, peak in res.stats.peak_memory_bytes.items():
+        assert peak <= min(plan[tier], getattr(budget, tier)), (seed, tier, pol)
+    if not (pol.compress_weight or pol.compress_cache):
+        toks, lps = hf_reference(ckpt, prompts, new)
+        assert res.sequences == toks, (seed, pol)
+        assert max(abs(a - b) for g, w in zip(res.logprobs, lps) for a, b in zip(g, w)) < 1e-4, (seed, pol)
+
+
+CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16, "searched": check_searched}
 
 
 @pytest.mark.parametrize("kind", list(CHECKS))
