@@ -91,6 +91,7 @@ class TrainConfig:
     save_every: int = 250        # write the checkpoint every this many steps, so a stopped run keeps its work
     val_queries: int = 48        # validation prompts per evaluated task, greedy-decoded at the end
     init_from: str | None = None  # continue from this checkpoint (its shape and tokenizer), not from scratch
+    grow_layers: int = 0         # with init_from: insert this many layers, each starting as the identity
 
     def __post_init__(self) -> None:
         unknown = [t for t, _ in self.task_weights if t not in TASKS]
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if self.grow_layers < 0 or (self.grow_layers and not self.init_from):
+            raise ValueError("grow_layers needs init_from (it deepens a trained checkpoint) and must be >= 0")
 
     def train_seeds(self) -> list[int]:
         return [1000 + 100 * self.seed + i for i in range(self.seeds_per_task)]
@@ -234,6 +237,48 @@ def build_pools(cfg: TrainConfig, log=print) -> dict[str, list[Example]]:
     return pools
 
 
+def grown_order(num_layers: int, extra: int) -> list[int | None]:
+    """Layer order of a model deepened by `extra` layers: old layer indices, with None for a new
+    layer, the new ones spread evenly (each after old layer ceil((i + 1) * L / extra) - 1)."""
+    after = [math.ceil((i + 1) * num_layers / extra) - 1 for i in range(extra)]
+    order: list[int | None] = []
+    for j in range(num_layers):
+        order.append(j)
+        order += [None] * after.count(j)
+    return order
+
+
+def grow_layers(model, extra: int):
+    """A deeper copy of a Llama-style HF model computing the same function: each new layer copies the
+    layer before it with its attention output and MLP down projections zeroed, so its residual
+    branches add nothing until training moves them (block expansion, as in LLaMA Pro). Deeper
+    models compose more lookups; the trained layers keep what they learned."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    if model.config.model_type != "llama":
+        raise ValueError(f"grow_layers: a llama checkpoint, not {model.config.model_type}")
+    order = grown_order(model.config.num_hidden_layers, extra)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(order)
+    old = model.state_dict()
+    new = {k: v for k, v in old.items() if not k.startswith("model.layers.")}
+    src = 0
+    for i, j in enumerate(order):
+        src = src if j is None else j  # a new layer copies the old layer it follows
+        prefix = f"model.layers.{src}."
+        for k, v in old.items():
+            if k.startswith(prefix):
+                name = k[len(prefix):]
+                zero = j is None and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                new[f"model.layers.{i}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+    grown = AutoModelForCausalLM.from_config(config).float()
+    grown.load_state_dict(new, strict=False)  # strict=False: tied lm_head.weight is absent from old
+    grown.tie_weights()
+    return grown
+
+
 def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,6 +301,9 @@ def train(cfg: TrainConfig, log=print, validate: bool = True) -> TrainResult:
         tok = AutoTokenizer.from_pretrained(cfg.init_from)
         tok.save_pretrained(cfg.out_dir)
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        if cfg.grow_layers:
+            model = grow_layers(model, cfg.grow_layers)
+            log(f"    grown by {cfg.grow_layers} identity layers to {model.config.num_hidden_layers}")
         vocab = model.config.vocab_size
     else:
         log("2/4 tokenizer ...")
@@ -350,6 +398,7 @@ def _main(args: argparse.Namespace) -> int:
         cfg = TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, threads=args.threads, model=shape, task_weights=weights,
                           seeds_per_task=args.seeds_per_task, init_from=args.init_from,
+                          grow_layers=args.grow_layers,
                           answer_weight=args.answer_weight)
         if args.init_from and not os.path.exists(os.path.join(args.init_from, "train_demo.json")):
             raise ValueError(f"--init-from {args.init_from}: not a train-demo checkpoint (no train_demo.json)")
@@ -372,6 +421,8 @@ def register(subparsers) -> None:
     p.add_argument("--ffn", type=int, default=d.model.ffn)
     p.add_argument("--init-from", metavar="DIR",
                    help="continue training this train-demo checkpoint (its shape and tokenizer) instead of a new model")
+    p.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                   help="with --init-from: insert N layers that start as the identity (a deeper model keeps what the parent learned)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds-per-task", type=int, default=d.seeds_per_task,
                    help="HELM generator seeds in the training pool (about 11,000 instances each)")

@@ -102,3 +102,34 @@ def test_training_continues_from_a_checkpoint(tmp_path):
     assert set(parent_seeds) | set(cfg.train_seeds()) == set(rec["train_seeds"]) and rec["parent"]
     assert open(os.path.join(second.out_dir, "tokenizer.json")).read() == \
         open(os.path.join(first.out_dir, "tokenizer.json")).read()
+
+
+def test_grown_model_computes_the_parent_function_and_its_new_layers_train(tmp_path):
+    """--grow-layers: the deeper model starts with the parent's logits exactly (new layers are the
+    identity), its new layers sit between the old ones, and a training stage moves them."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flexgen_helm.train_demo import grow_layers, grown_order
+    assert grown_order(6, 3) == [0, 1, None, 2, 3, None, 4, 5, None]
+    assert grown_order(2, 1) == [0, 1, None] and grown_order(2, 2) == [0, None, 1, None]
+    base = dataclasses.replace(_tiny_cfg(str(tmp_path / "a")), model=dataclasses.replace(_tiny_cfg("").model,
+                                                                                        num_layers=2))
+    first = train(base, log=lambda *a, **k: None, validate=False)
+    parent = AutoModelForCausalLM.from_pretrained(first.out_dir).eval()
+    grown = grow_layers(parent, 2).eval()
+    x = torch.randint(4, parent.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert grown.config.num_hidden_layers == 4
+        assert torch.equal(parent(x).logits, grown(x).logits)
+        assert grown.model.layers[1].mlp.down_proj.weight.abs().sum() == 0
+        assert grown.model.layers[3].self_attn.o_proj.weight.abs().sum() == 0
+        assert torch.equal(grown.model.layers[2].self_attn.q_proj.weight, parent.model.layers[1].self_attn.q_proj.weight)
+    cfg = dataclasses.replace(_tiny_cfg(str(tmp_path / "b")), init_from=first.out_dir, grow_layers=2, seed=1, steps=3)
+    train(cfg, log=lambda *a, **k: None, validate=False)
+    out = AutoModelForCausalLM.from_pretrained(cfg.out_dir)
+    assert out.config.num_hidden_layers == 4 and out.model.layers[3].mlp.down_proj.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="init_from"):
+        dataclasses.replace(cfg, init_from=None)
