@@ -449,6 +449,8 @@ def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(re
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     for (B, H, Hq, D, n, window) in ((3, 4, 4, 64, 37, None), (2, 2, 8, 128, 50, None), (2, 4, 8, 32, 20, 9),
                                      (1, 2, 2, 64, 1, None), (2, 3, 6, 32, 5, None),
+                                     # MHA with 64-groups: the values' pass in registers, two groups, a window
+                                     (2, 4, 4, 128, 33, None), (2, 4, 4, 64, 40, 7),
                                      (8, 8, 8, 64, 130, None)):  # the last: big enough to split over threads
         cfg = CompressionConfig(num_bits=bits, group_size=64, group_dim=-1, symmetric=symmetric)
         g = min(64, D)

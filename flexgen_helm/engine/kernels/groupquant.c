@@ -372,6 +372,21 @@ static inline void axpy64_v(float *dst, float a, const __m256 c[8]) {
 #define FG_ATTEND_V 1
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* a[0..7] += w * (the 64 codes at c): codes64_v fused with the multiply-add, one 8-lane run at a time
+ * (fewer live registers than converting all 64 first) */
+static inline void fma_codes64_v(const uint8_t *packed, int64_t c, __m256 w, __m256 a[8]) {
+    const uint8_t *src = packed + (c >> 7) * 64;
+    const int high = (int)((c >> 6) & 1);
+    const __m256i m15 = _mm256_set1_epi32(15);
+    for (int j = 0; j < 8; j++) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j)));
+        v = high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m15);
+        a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), w, a[j]);
+    }
+}
+#endif
+
 /* One decode step of attention for the (batch row, KV head) pairs [p_begin, p_end) of B x H, every
  * query head of a pair's group at once (GQA: Hq = H x gq). The cache holds positions [0, n) of an
  * (n, 2, B, H, D) tensor in compression.py's packed format; the new token's key and value (B, H, D)
@@ -412,6 +427,37 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
         }
     }
     for (int part = 0; part < 2; part++) {  /* 0: scores from the keys; 1: weighted sum of the values */
+#ifdef FG_ATTEND_V
+        if (part == 1 && fast && gq == 1) {
+            /* Speed: the values' pass pair by pair, each 64-value group's output in 8 registers across
+             * all positions (the position-major loop below loads and stores it once per position,
+             * which bounds it by stores). One query head per pair (MHA) only: with GQA the
+             * position-major loop converts each code once for all the pair's query heads. */
+            for (int64_t p = 0; p < P; p++) {
+                const int64_t pair = p_begin + p, bi = pair / H;
+                const float *sc = scores + p * (n + 1);
+                for (int64_t r = 0; r < G; r++) {
+                    __m256 a[8];
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                    float cs = 0.0f;
+                    for (int64_t i = 0; i < n; i++) {
+                        if (!allowed[bi * (n + 1) + i]) continue;
+                        const int64_t c = i * 2 * BHD + BHD + pair * D + r * 64;
+                        const uint16_t *m = meta + (c / 64) * (symmetric ? 1 : 2);
+                        const float step = half_to_float(symmetric ? m[0] : m[1]);
+                        const float lo = symmetric ? -offset * step : half_to_float(m[0]);
+                        cs += sc[i] * lo;
+                        fma_codes64_v(packed, c, _mm256_set1_ps(sc[i] * step), a);
+                    }
+                    for (int j = 0; j < 8; j++) _mm256_storeu_ps(acc + p * D + r * 64 + 8 * j, a[j]);
+                    cst[p * G + r] += cs;
+                }
+                if (allowed[bi * (n + 1) + n])  /* the new token's value, dense */
+                    for (int64_t t = 0; t < D; t++) acc[p * D + t] += sc[n] * load_one(new_v, kind, pair * D + t);
+            }
+            continue;
+        }
+#endif
         for (int64_t i = 0; i <= n; i++) {
             const int cached = i < n, direct = cached && fast;
             int64_t c0 = i * 2 * BHD + part * BHD + p_begin * D;
