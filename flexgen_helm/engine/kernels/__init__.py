@@ -107,6 +107,9 @@ def _library():
     lib.fg_attend_compressed.restype = c_int
     lib.fg_attend_compressed.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr, ptr,
                                          ptr, ptr, ptr, c_int, ctypes.c_float, i64, i64]
+    lib.fg_attend_compressed_mt.restype = c_int
+    lib.fg_attend_compressed_mt.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr,
+                                            ptr, ptr, ptr, ptr, c_int, ctypes.c_float, i64, c_int]
     lib.fg_int4_matmul.restype = c_int
     lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul.restype = c_int
@@ -191,6 +194,13 @@ def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int,
                                         new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, b, e)
     # pieces of whole (row, KV head) pairs whose codes start on a packing block
     unit = block_codes // math.gcd(block_codes, D)
+    if lib.fg_openmp():  # split inside, on torch's OpenMP pool
+        threads = max(1, torch.get_num_threads()) if 2 * n * B * H * D >= _MIN_PARALLEL else 1
+        done = lib.fg_attend_compressed_mt(packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes,
+                                           block_bytes, group, int(symmetric), q.data_ptr(), new_k.data_ptr(),
+                                           new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, unit,
+                                           threads)
+        return out if done == 0 else None
     return out if _split(call, B * H, unit, work=2 * n * B * H * D) else None
 
 
