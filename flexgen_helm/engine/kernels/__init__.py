@@ -188,20 +188,16 @@ def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int,
     ok = allowed.to(torch.uint8).contiguous()
     out = torch.empty_like(q)
 
-    def call(b: int, e: int) -> int:
-        return lib.fg_attend_compressed(packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes,
-                                        block_bytes, group, int(symmetric), q.data_ptr(), new_k.data_ptr(),
-                                        new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, b, e)
+    args = (packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes, block_bytes, group,
+            int(symmetric), q.data_ptr(), new_k.data_ptr(), new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind,
+            D ** -0.5)
     # pieces of whole (row, KV head) pairs whose codes start on a packing block
     unit = block_codes // math.gcd(block_codes, D)
+    work = 2 * n * B * H * D
     if lib.fg_openmp():  # split inside, on torch's OpenMP pool
-        threads = max(1, torch.get_num_threads()) if 2 * n * B * H * D >= _MIN_PARALLEL else 1
-        done = lib.fg_attend_compressed_mt(packed.data_ptr(), meta.data_ptr(), n, B, H, Hq, D, bits, block_codes,
-                                           block_bytes, group, int(symmetric), q.data_ptr(), new_k.data_ptr(),
-                                           new_v.data_ptr(), ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, unit,
-                                           threads)
-        return out if done == 0 else None
-    return out if _split(call, B * H, unit, work=2 * n * B * H * D) else None
+        threads = max(1, torch.get_num_threads()) if work >= _MIN_PARALLEL else 1
+        return out if lib.fg_attend_compressed_mt(*args, unit, threads) == 0 else None
+    return out if _split(lambda b, e: lib.fg_attend_compressed(*args, b, e), B * H, unit, work=work) else None
 
 
 def attend_compressed_ok(B: int, H: int, Hq: int, D: int, block_codes: int, group: int) -> bool:

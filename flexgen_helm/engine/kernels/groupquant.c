@@ -335,21 +335,19 @@ static inline void codes64(const uint8_t *packed, int64_t c, float *out) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* codes [8 j, 8 j + 8) of the 64 at src (low nibbles, or high when `high`) as floats */
+static inline __m256 codes8_v(const uint8_t *src, int high, int j) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j)));
+    return _mm256_cvtepi32_ps(high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
+}
+
 /* codes64 into 8 registers (no store), and the two uses of a group of 64 codes in attention:
  * q . codes and dst += a * codes. Speed: the scalar loops through a float buffer cost ~0.33 ns per
  * cached value on an AVX2 core, more than a dense cache's SDPA. */
 static inline void codes64_v(const uint8_t *packed, int64_t c, __m256 out[8]) {
     const uint8_t *src = packed + (c >> 7) * 64;
-    if ((c >> 6) & 1) {
-        for (int j = 0; j < 8; j++)
-            out[j] = _mm256_cvtepi32_ps(_mm256_srli_epi32(
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j))), 4));
-    } else {
-        const __m256i m15 = _mm256_set1_epi32(15);
-        for (int j = 0; j < 8; j++)
-            out[j] = _mm256_cvtepi32_ps(_mm256_and_si256(
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j))), m15));
-    }
+    const int high = (int)((c >> 6) & 1);
+    for (int j = 0; j < 8; j++) out[j] = codes8_v(src, high, j);
 }
 
 static inline float dot64_v(const float *q, const __m256 c[8]) {
@@ -372,18 +370,13 @@ static inline void axpy64_v(float *dst, float a, const __m256 c[8]) {
 #define FG_ATTEND_V 1
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef FG_ATTEND_V
 /* a[0..7] += w * (the 64 codes at c): codes64_v fused with the multiply-add, one 8-lane run at a time
  * (fewer live registers than converting all 64 first) */
 static inline void fma_codes64_v(const uint8_t *packed, int64_t c, __m256 w, __m256 a[8]) {
     const uint8_t *src = packed + (c >> 7) * 64;
     const int high = (int)((c >> 6) & 1);
-    const __m256i m15 = _mm256_set1_epi32(15);
-    for (int j = 0; j < 8; j++) {
-        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * j)));
-        v = high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m15);
-        a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), w, a[j]);
-    }
+    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(codes8_v(src, high, j), w, a[j]);
 }
 #endif
 
