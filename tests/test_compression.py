@@ -437,8 +437,8 @@ def test_dequantize_transposed_equals_dequantize_then_permute(bits):
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (2, False), (8, True)])
 def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(request, bits, symmetric):
     """The C decode attention over a compressed KV prefix gives SDPA's output on the dequantized
-    prefix: MHA and GQA, head_dim of one group, two groups and less than a group, left padding,
-    a sliding window, fp32 and bf16."""
+    prefix: MHA and GQA (up to 10 query heads per KV head), head_dim of one group, two groups and less
+    than a group, left padding, a sliding window, fp32 and bf16."""
     from flexgen_helm.engine import kernels
     from flexgen_helm.engine.layers import decode_attention
     if not kernels.available():
@@ -449,8 +449,13 @@ def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(re
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     for (B, H, Hq, D, n, window) in ((3, 4, 4, 64, 37, None), (2, 2, 8, 128, 50, None), (2, 4, 8, 32, 20, 9),
                                      (1, 2, 2, 64, 1, None), (2, 3, 6, 32, 5, None),
-                                     # MHA with 64-groups: the values' pass in registers, two groups, a window
+                                     # MHA with 64-groups (keys 4 positions at a time, values in registers),
+                                     # two groups, a window
                                      (2, 4, 4, 128, 33, None), (2, 4, 4, 64, 40, 7),
+                                     # GQA with 64-groups: 3, 5, 6, 7 and 10 query heads per KV head (the
+                                     # values' pass tiles heads by 8), a window, n not a multiple of 4
+                                     (1, 4, 12, 64, 66, None), (2, 2, 10, 64, 18, None), (2, 2, 12, 64, 9, None),
+                                     (2, 2, 14, 64, 29, 11), (2, 2, 20, 128, 43, None),
                                      (8, 8, 8, 64, 130, None)):  # the last: big enough to split over threads
         cfg = CompressionConfig(num_bits=bits, group_size=64, group_dim=-1, symmetric=symmetric)
         g = min(64, D)

@@ -363,22 +363,158 @@ static inline float dot64_v(const float *q, const __m256 c[8]) {
     return _mm_cvtss_f32(h);
 }
 
-static inline void axpy64_v(float *dst, float a, const __m256 c[8]) {
-    const __m256 av = _mm256_set1_ps(a);
-    for (int j = 0; j < 8; j++) _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(c[j], av, _mm256_loadu_ps(dst + 8 * j)));
-}
 #define FG_ATTEND_V 1
 #endif
 
 #ifdef FG_ATTEND_V
-/* a[0..7] += w * (the 64 codes at c): codes64_v fused with the multiply-add, one 8-lane run at a time
- * (fewer live registers than converting all 64 first) */
-static inline void fma_codes64_v(const uint8_t *packed, int64_t c, __m256 w, __m256 a[8]) {
-    const uint8_t *src = packed + (c >> 7) * 64;
-    const int high = (int)((c >> 6) & 1);
-    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(codes8_v(src, high, j), w, a[j]);
+/* The values' sum of HB query heads over one 64-value group, CJ 8-value runs (from run j0) at a time:
+ * out[h][8 (j0 + j) + t] = sum over positions i in [i0, n) of wts[h * ws + i] * code(i)[8 (j0 + j) + t],
+ * position i's 64 codes in the 64 bytes at base + i * stride (low or high nibbles). HB x CJ <= 8
+ * accumulators stay in registers across all positions, and each code is widened once for all HB heads.
+ * HB and CJ are constants at every call site (always_inline), so the loops unroll. */
+static inline __attribute__((always_inline)) void values_tile(const uint8_t *base, int high, int64_t stride,
+                                                              const float *wts, int64_t ws, int64_t i0, int64_t n,
+                                                              int HB, int CJ, int j0, float *out, int64_t os) {
+    __m256 a[8];
+    for (int k = 0; k < HB * CJ; k++) a[k] = _mm256_setzero_ps();
+    for (int64_t i = i0; i < n; i++) {
+        const uint8_t *src = base + i * stride;
+        for (int j = 0; j < CJ; j++) {
+            const __m256 cv = codes8_v(src, high, j0 + j);
+            for (int h = 0; h < HB; h++)
+                a[h * CJ + j] = _mm256_fmadd_ps(cv, _mm256_broadcast_ss(wts + h * ws + i), a[h * CJ + j]);
+        }
+    }
+    for (int h = 0; h < HB; h++)
+        for (int j = 0; j < CJ; j++) _mm256_storeu_ps(out + h * os + 8 * (j0 + j), a[h * CJ + j]);
+}
+
+/* values_tile over all 8 runs of the group for hb (1..8) heads: as many runs per pass as registers allow */
+static void values_group(const uint8_t *base, int high, int64_t stride, const float *wts, int64_t ws, int64_t i0,
+                         int64_t n, int hb, float *out, int64_t os) {
+#define FG_VT(HB, CJ) for (int j0 = 0; j0 < 8; j0 += CJ) values_tile(base, high, stride, wts, ws, i0, n, HB, CJ, j0, out, os)
+    switch (hb) {
+    case 1: FG_VT(1, 8); break;
+    case 2: FG_VT(2, 4); break;
+    case 3: FG_VT(3, 2); break;
+    case 4: FG_VT(4, 2); break;
+    case 5: FG_VT(5, 1); break;
+    case 6: FG_VT(6, 1); break;
+    case 7: FG_VT(7, 1); break;
+    default: FG_VT(8, 1); break;
+    }
+#undef FG_VT
 }
 #endif
+
+#ifdef FG_ATTEND_V
+/* The 4 horizontal sums of a0..a3 as one 4-lane vector (3 hadds for 4 sums, not 3 shuffles and adds each) */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* The keys' pass over one 64-code group of one (batch row, KV head) pair for positions [i0, n), 4 at a
+ * time: dots[h * ws + i] = q_h . code(i) for the gq query heads at q (stride D), position i's codes in the
+ * 64 bytes at base + i * stride (low or high nibbles). Returns the first position it left (n - i0 mod 4
+ * remain for the caller). Speed: 4 positions' sums are reduced together (hsum4), and each head's 64 query
+ * values stay in registers across positions; with one query head the codes are widened straight into
+ * the multiply-adds, with several they are widened once into a 1 KB buffer that every head reads. */
+static int64_t keys_group(const uint8_t *base, int high, int64_t stride, const float *q, int64_t D, int64_t gq,
+                          int64_t i0, int64_t n, float *dots, int64_t ws) {
+    int64_t i = i0;
+    if (gq == 1) {
+        __m256 qr[8];
+        for (int j = 0; j < 8; j++) qr[j] = _mm256_loadu_ps(q + 8 * j);
+        for (; i + 4 <= n; i += 4) {
+            __m256 a[4];
+            for (int t = 0; t < 4; t++) {
+                const uint8_t *src = base + (i + t) * stride;
+                a[t] = _mm256_mul_ps(codes8_v(src, high, 0), qr[0]);
+                for (int j = 1; j < 8; j++) a[t] = _mm256_fmadd_ps(codes8_v(src, high, j), qr[j], a[t]);
+            }
+            _mm_storeu_ps(dots + i, hsum4(a[0], a[1], a[2], a[3]));
+        }
+        return i;
+    }
+    __m256 cb[4][8];
+    for (; i + 4 <= n; i += 4) {
+        for (int t = 0; t < 4; t++)
+            for (int j = 0; j < 8; j++) cb[t][j] = codes8_v(base + (i + t) * stride, high, j);
+        for (int64_t h = 0; h < gq; h++) {
+            const float *qh = q + h * D;
+            __m256 a[4];
+            for (int t = 0; t < 4; t++) a[t] = _mm256_mul_ps(cb[t][0], _mm256_loadu_ps(qh));
+            for (int j = 1; j < 8; j++) {
+                const __m256 qj = _mm256_loadu_ps(qh + 8 * j);
+                for (int t = 0; t < 4; t++) a[t] = _mm256_fmadd_ps(cb[t][j], qj, a[t]);
+            }
+            _mm_storeu_ps(dots + h * ws + i, hsum4(a[0], a[1], a[2], a[3]));
+        }
+    }
+    return i;
+}
+#endif
+
+#ifdef FG_ATTEND_V
+/* e^x for x <= 0 (or -inf), 8 at a time: e^x = 2^k e^r with k = round(x / ln 2), |r| <= ln(2) / 2, e^r by
+ * Cephes' degree-6 polynomial (within ~2 ulp of expf); x below -87 (where expf is subnormal) gives 0, so
+ * masked positions (-inf) weigh exactly nothing. */
+static inline __m256 exp_nonpositive_v(__m256 x) {
+    const __m256 floor = _mm256_set1_ps(-87.0f), valid = _mm256_cmp_ps(x, floor, _CMP_GE_OQ);
+    x = _mm256_max_ps(x, floor);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts: r stays exact */
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_k)), valid);
+}
+#endif
+
+/* sc[0..len) = softmax(scale * sc); masked positions hold -inf and get 0; at least one is not masked.
+ * Speed: vectorized where AVX2 is (glibc's scalar expf took ~20% of a decode attention call). */
+static void softmax_scaled(float *sc, int64_t len, float scale) {
+    float mx = -INFINITY, sum = 0.0f;
+    int64_t i = 0;
+#ifdef FG_ATTEND_V
+    __m256 mv = _mm256_set1_ps(-INFINITY), sv = _mm256_setzero_ps();
+    for (; i + 8 <= len; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(scale));  /* -inf stays -inf */
+        _mm256_storeu_ps(sc + i, v);
+        mv = _mm256_max_ps(mv, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (int l = 0; l < 8; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+#endif
+    for (; i < len; i++) {
+        sc[i] *= scale;
+        mx = sc[i] > mx ? sc[i] : mx;
+    }
+    i = 0;
+#ifdef FG_ATTEND_V
+    for (; i + 8 <= len; i += 8) {
+        const __m256 e = exp_nonpositive_v(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(sc + i, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    _mm256_storeu_ps(lanes, sv);
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+#endif
+    for (; i < len; i++) {
+        sc[i] = sc[i] == -INFINITY ? 0.0f : expf(sc[i] - mx);
+        sum += sc[i];
+    }
+    for (i = 0; i < len; i++) sc[i] /= sum;
+}
 
 /* One decode step of attention for the (batch row, KV head) pairs [p_begin, p_end) of B x H, every
  * query head of a pair's group at once (GQA: Hq = H x gq). The cache holds positions [0, n) of an
@@ -388,10 +524,11 @@ static inline void fma_codes64_v(const uint8_t *packed, int64_t c, __m256 w, __m
  * out). Cached values, scores, softmax and sums in fp32 (cached values are not rounded to bf16 as a
  * dequantized bf16 copy would be: slightly more precise). Needs p_begin x D and B x H x D to be
  * multiples of block_codes, so each position's keys (values) of the pairs are one aligned run.
- * Speed: 4-bit codes are 0.28x the bytes of a bf16 cache and are read once, never stored
- * dequantized. With 4-bit groups of 64 the scale and offset leave the inner loops:
+ * Speed: 4-bit codes are 0.28x the bytes of a bf16 cache and are read from memory once, never stored
+ * dequantized. With 4-bit groups of 64 (and AVX2) the scale and offset leave the inner loops:
  * q.k = sum over groups of step * (q . codes) + lo * sum(q), and the values' sum likewise, so each
- * code costs a convert and a multiply-add; other formats dequantize one run per position first. */
+ * code costs one widening and a multiply-add per query head, pair by pair (keys_group, values_group);
+ * other formats, or no AVX2, take the position-major loop, which dequantizes one run per position. */
 int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n, int64_t B, int64_t H, int64_t Hq,
                          int64_t D, int bits, int64_t block_codes, int64_t block_bytes, int64_t group, int symmetric,
                          const void *q, const void *new_k, const void *new_v, const uint8_t *allowed, void *out,
@@ -403,10 +540,13 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
     const int fast = bits == 4 && group == 64 && block_codes == 128;
     const int64_t W = P * gq, G = D / group;  /* query vectors handled here; groups per vector */
     const float offset = (float)((1 << (bits - 1)) - 1);
-    float *qv = malloc(sizeof(float) * (size_t)(2 * W * D + W * (n + 1) + P * D + 2 * W * G + 64));
+    float *qv = malloc(sizeof(float) * (size_t)(2 * W * D + W * (n + 1) + P * D + 2 * W * G + (gq + 2) * n + 64));
     if (!qv) return -1;
     float *acc = qv + W * D, *scores = acc + W * D, *kv = scores + W * (n + 1);
     float *qsum = kv + P * D, *cst = qsum + W * G;  /* per (query, group): sum of q; the values' offsets */
+#ifdef FG_ATTEND_V
+    float *vstep = cst + W * G, *vlo = vstep + n, *wts = vlo + n;  /* one pair's group: scales, offsets, dots */
+#endif
     for (int64_t w = 0; w < W; w++) {
         for (int64_t t = 0; t < D; t++) {
             qv[w * D + t] = load_one(q, kind, (p_begin * gq + w) * D + t);
@@ -420,38 +560,84 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
         }
     }
     for (int part = 0; part < 2; part++) {  /* 0: scores from the keys; 1: weighted sum of the values */
+        int64_t first = 0;  /* the position the position-major loop below starts from */
 #ifdef FG_ATTEND_V
-        if (part == 1 && fast && gq == 1) {
-            /* Speed: the values' pass pair by pair, each 64-value group's output in 8 registers across
-             * all positions (the position-major loop below loads and stores it once per position,
-             * which bounds it by stores). One query head per pair (MHA) only: with GQA the
-             * position-major loop converts each code once for all the pair's query heads. */
+        if (part == 0 && fast) {
+            /* Speed: the cached keys pair by pair and group by group (keys_group), then per-position scales
+             * and offsets: score = sum over groups of step * (q . codes) + lo * sum(q). The new token's
+             * key is left to the loop below (first = n). */
             for (int64_t p = 0; p < P; p++) {
                 const int64_t pair = p_begin + p, bi = pair / H;
-                const float *sc = scores + p * (n + 1);
+                const uint8_t *ok = allowed + bi * (n + 1);
+                float *sp = scores + p * gq * (n + 1);
+                int64_t i0 = 0;
+                while (i0 < n && !ok[i0]) i0++;  /* left padding, or positions before a window */
+                for (int64_t i = 0; i < gq * (n + 1); i++) sp[i] = 0.0f;
                 for (int64_t r = 0; r < G; r++) {
-                    __m256 a[8];
-                    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-                    float cs = 0.0f;
-                    for (int64_t i = 0; i < n; i++) {
-                        if (!allowed[bi * (n + 1) + i]) continue;
-                        const int64_t c = i * 2 * BHD + BHD + pair * D + r * 64;
-                        const uint16_t *m = meta + (c / 64) * (symmetric ? 1 : 2);
+                    const int64_t c0 = pair * D + r * 64;  /* position 0's first key code */
+                    const float *qp = qv + p * gq * D + r * 64;
+                    int64_t i = keys_group(packed + (c0 >> 7) * 64, (int)((c0 >> 6) & 1), BHD, qp, D, gq, i0, n,
+                                           wts, n);
+                    for (; i < n; i++) {  /* the last n mod 4 positions */
+                        __m256 cv[8];
+                        codes64_v(packed, c0 + i * 2 * BHD, cv);
+                        for (int64_t g = 0; g < gq; g++) wts[g * n + i] = dot64_v(qp + g * D, cv);
+                    }
+                    for (i = i0; i < n; i++) {
+                        const uint16_t *m = meta + ((c0 + i * 2 * BHD) / 64) * (symmetric ? 1 : 2);
                         const float step = half_to_float(symmetric ? m[0] : m[1]);
                         const float lo = symmetric ? -offset * step : half_to_float(m[0]);
-                        cs += sc[i] * lo;
-                        fma_codes64_v(packed, c, _mm256_set1_ps(sc[i] * step), a);
+                        for (int64_t g = 0; g < gq; g++)
+                            sp[g * (n + 1) + i] += step * wts[g * n + i] + lo * qsum[(p * gq + g) * G + r];
                     }
-                    for (int j = 0; j < 8; j++) _mm256_storeu_ps(acc + p * D + r * 64 + 8 * j, a[j]);
-                    cst[p * G + r] += cs;
                 }
-                if (allowed[bi * (n + 1) + n])  /* the new token's value, dense */
-                    for (int64_t t = 0; t < D; t++) acc[p * D + t] += sc[n] * load_one(new_v, kind, pair * D + t);
+                for (int64_t i = 0; i < n; i++)
+                    if (!ok[i])
+                        for (int64_t g = 0; g < gq; g++) sp[g * (n + 1) + i] = -INFINITY;
+            }
+            first = n;
+        }
+        if (part == 1 && fast) {
+            /* Speed: the values' pass pair by pair and group by group, the output in registers across all
+             * positions (values_group; the position-major loop below loads and stores it once per
+             * position, which bounds it by stores), each code widened once for all of the pair's query
+             * heads. The group's scales and offsets are read once into `step`/`lo` and folded into
+             * per-head weights, so the inner loop is a widen and one multiply-add per head. */
+            for (int64_t p = 0; p < P; p++) {
+                const int64_t pair = p_begin + p, bi = pair / H;
+                const uint8_t *ok = allowed + bi * (n + 1);
+                int64_t i0 = 0;
+                while (i0 < n && !ok[i0]) i0++;  /* left padding, or positions before a window */
+                for (int64_t r = 0; r < G; r++) {
+                    const int64_t c0 = BHD + pair * D + r * 64;  /* position 0's first value code */
+                    for (int64_t i = i0; i < n; i++) {
+                        const uint16_t *m = meta + ((c0 + i * 2 * BHD) / 64) * (symmetric ? 1 : 2);
+                        vstep[i] = half_to_float(symmetric ? m[0] : m[1]);
+                        vlo[i] = symmetric ? -offset * vstep[i] : half_to_float(m[0]);
+                    }
+                    for (int64_t g = 0; g < gq; g++) {  /* disallowed positions have weight 0 after softmax */
+                        const float *sc = scores + (p * gq + g) * (n + 1);
+                        float cs = 0.0f;
+                        for (int64_t i = i0; i < n; i++) {
+                            wts[g * n + i] = sc[i] * vstep[i];
+                            cs += sc[i] * vlo[i];
+                        }
+                        cst[(p * gq + g) * G + r] += cs;
+                    }
+                    for (int64_t g = 0; g < gq; g += 8)
+                        values_group(packed + (c0 >> 7) * 64, (int)((c0 >> 6) & 1), BHD, wts + g * n, n, i0, n,
+                                     (int)(gq - g < 8 ? gq - g : 8), acc + (p * gq + g) * D + r * 64, D);
+                }
+                if (ok[n])  /* the new token's value, dense */
+                    for (int64_t g = 0; g < gq; g++) {
+                        const float pw = scores[(p * gq + g) * (n + 1) + n];
+                        for (int64_t t = 0; t < D; t++) acc[(p * gq + g) * D + t] += pw * load_one(new_v, kind, pair * D + t);
+                    }
             }
             continue;
         }
 #endif
-        for (int64_t i = 0; i <= n; i++) {
+        for (int64_t i = first; i <= n; i++) {
             const int cached = i < n, direct = cached && fast;
             int64_t c0 = i * 2 * BHD + part * BHD + p_begin * D;
             if (cached && !fast) {
@@ -481,25 +667,8 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                         const uint16_t *m = meta + (c / 64) * (symmetric ? 1 : 2);
                         step = half_to_float(symmetric ? m[0] : m[1]);
                         lo = symmetric ? -offset * step : half_to_float(m[0]);
-#ifdef FG_ATTEND_V
-                        __m256 cv[8];
-                        codes64_v(packed, c, cv);
-                        for (int64_t g = 0; g < gq; g++) {
-                            int64_t w = p * gq + g;
-                            if (part == 0) {
-                                float sc = step * dot64_v(qv + w * D + r * 64, cv) + lo * qsum[w * G + r];
-                                scores[w * (n + 1) + i] = (r ? scores[w * (n + 1) + i] : 0.0f) + sc;
-                            } else {
-                                float pw = scores[w * (n + 1) + i];
-                                axpy64_v(acc + w * D + r * 64, pw * step, cv);
-                                cst[w * G + r] += pw * lo;
-                            }
-                        }
-                        continue;
-#else
-                        codes64(packed, c, codes);
+                        codes64(packed, c, codes);  /* without AVX2 (with it, the passes above) */
                         v = codes;
-#endif
                     }
                     const int64_t len = direct ? 64 : D, off = direct ? r * 64 : 0;
                     for (int64_t g = 0; g < gq; g++) {
@@ -520,18 +689,7 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
             }
         }
         if (part == 0)
-            for (int64_t w = 0; w < W; w++) {  /* scale, then softmax over the allowed positions */
-                float *sc = scores + w * (n + 1), mx = -INFINITY, sum = 0.0f;
-                for (int64_t i = 0; i <= n; i++) {
-                    if (sc[i] != -INFINITY) sc[i] *= scale;
-                    mx = sc[i] > mx ? sc[i] : mx;
-                }
-                for (int64_t i = 0; i <= n; i++) {
-                    sc[i] = sc[i] == -INFINITY ? 0.0f : expf(sc[i] - mx);
-                    sum += sc[i];
-                }
-                for (int64_t i = 0; i <= n; i++) sc[i] /= sum;
-            }
+            for (int64_t w = 0; w < W; w++) softmax_scaled(scores + w * (n + 1), n + 1, scale);
     }
     for (int64_t w = 0; w < W; w++)
         for (int64_t t = 0; t < D; t++) {
