@@ -4,7 +4,8 @@ kind, sliding windows, post-LN OPT with projections), weights, cache and activat
 tiers at random percentages, micro-batch shapes, prompt lengths 1-51.
 
 - fp32: the engine equals HF (tokens, logprobs to 1e-4);
-- 4-bit / 3-bit weights and KV cache: equal to HF with quantize-dequantize hooks;
+- 4-bit / 3-bit weights and KV cache: equal to HF with quantize-dequantize hooks; also a 4-bit cache
+  with 64- or 128-wide heads read in place by the C attention loop, 1-10 query heads per KV head;
 - bf16 (4-bit weights or dense): the greedy tokens are HF fp32's top choice within bf16 noise;
 - searched: a random memory budget, the policy search's choice for it run under that budget: the
   peaks stay within budget and memory plan, results equal HF (or the search names the budget to raise).
@@ -99,10 +100,39 @@ def check_compressed(seed: int, tmp_path) -> None:
     pol = random_policy(r, compress_weight=w, compress_cache=kv, comp_weight_config=wcfg, comp_cache_config=kcfg)
     prompts, new = random_prompts(r)
 
+    _equals_quantized_reference(seed, ckpt, pol, prompts, new, tmp_path)
+
+
+def check_cache_in_place(seed: int, tmp_path) -> None:
+    """A 4-bit KV cache in 64-groups with 64- or 128-wide heads, held where attention runs: the C
+    loop reads it in place pass by pass (kernels.attend_compressed), with 1-10 query heads per KV head,
+    windows, prompt lengths that are and are not multiples of its 4-position steps."""
+    r = random.Random(seed)
+    family = r.choice(["llama", "mistral", "qwen2", "qwen3"])
+    kv_heads, per_kv = r.choice([1, 2, 4]), r.randint(1, 10)
+    heads = kv_heads * per_kv
+    over = dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=r.choice([64, 64, 128]),
+                hidden_size=heads * r.choice([4, 8]), num_hidden_layers=r.randint(1, 2), intermediate_size=64,
+                tie_word_embeddings=r.random() < 0.5, max_position_embeddings=256)
+    if family == "mistral":
+        over["sliding_window"] = r.choice([None, 5, 13])
+    if family == "qwen2" and r.random() < 0.5:
+        over |= dict(use_sliding_window=True, sliding_window=r.choice([6, 11]), max_window_layers=0)
+    ckpt = build_tiny_family(str(tmp_path / "m"), family, seed=r.randint(0, 99), tokenizer=False, **over)
+    kcfg = CompressionConfig(4, 64, -1, symmetric=r.random() < 0.3)
+    # rows x KV heads x head_dim a multiple of the 128-code packing block: every micro-batch in place
+    pol = Policy(gpu_batch_size=r.choice([2, 4]), num_gpu_batches=r.randint(1, 3), compress_cache=True,
+                 comp_cache_config=kcfg)
+    prompts, new = random_prompts(r)
+    _equals_quantized_reference(seed, ckpt, pol, prompts, new, tmp_path)
+
+
+def _equals_quantized_reference(seed, ckpt, pol: Policy, prompts, new, tmp_path) -> None:
+    """The engine under a compressing policy equals HF with quantize-dequantize hooks."""
     def prepare(hf):
-        if w:
-            C.fake_quantize_model(hf, wcfg)
-        return C.fake_quantize_kv_cache(hf, kcfg) if kv else []
+        if pol.compress_weight:
+            C.fake_quantize_model(hf, pol.comp_weight_config)
+        return C.fake_quantize_kv_cache(hf, pol.comp_cache_config) if pol.compress_cache else []
     res = _generate(ckpt, pol, torch.float32, tmp_path, prompts, new)
     toks, lps = hf_reference(ckpt, prompts, new, prepare)
     diffs = [abs(a - b) for got, want in zip(res.logprobs, lps) for a, b in zip(got, want)]
@@ -163,7 +193,8 @@ def check_searched(seed: int, tmp_path) -> None:
         assert max(abs(a - b) for g, w in zip(res.logprobs, lps) for a, b in zip(g, w)) < 1e-4, (seed, pol)
 
 
-CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16, "searched": check_searched}
+CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16, "searched": check_searched,
+          "cache_in_place": check_cache_in_place}
 
 
 @pytest.mark.parametrize("kind", list(CHECKS))
