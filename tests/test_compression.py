@@ -481,6 +481,38 @@ def test_attention_read_from_the_compressed_cache_equals_dequantize_then_sdpa(re
             assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (B, H, Hq, D, n, dt)
 
 
+def test_attention_read_from_a_dense_cache_equals_sdpa(request):
+    """The C decode attention over a dense cache (layers.decode_attention's CPU path) gives SDPA's
+    output: MHA and GQA (up to 10 query heads per KV head), 64- and 128-wide heads, prefixes of a
+    larger cache buffer, left padding, a sliding window, fp32 and bf16; heads it cannot take (not a
+    multiple of 64 wide) are left to SDPA."""
+    from flexgen_helm.engine import kernels, layers
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    torch.manual_seed(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    for (B, H, Hq, D, n, cap) in ((3, 4, 4, 64, 37, 40), (2, 2, 14, 64, 29, 33), (2, 2, 20, 128, 43, 43),
+                                  (1, 1, 1, 64, 1, 3), (1, 3, 9, 64, 6, 8),
+                                  (8, 8, 32, 64, 130, 140)):  # the last: big enough to split over threads
+        for dt, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+            buf = torch.randn(2, B, H, cap, D).to(dt)
+            k, v = buf[0, :, :, :n], buf[1, :, :, :n]
+            q = torch.randn(B, Hq, 1, D).to(dt)
+            mask = torch.ones(B, n, dtype=torch.bool)
+            mask[0, :min(5, n - 1)] = False  # left padding of the first sequence
+            for window in (None, 7):
+                allowed = layers.window_mask(mask, window)
+                want = layers._sdpa(q.float(), k.float(), v.float(), allowed[:, None, None, :])
+                got = kernels.attend_dense(q, k, v, allowed)
+                assert got is not None and got.dtype == dt and got.shape == want.shape
+                assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (B, H, Hq, D, n, dt, window)
+                assert torch.equal(layers.decode_attention(q, k, v, mask, window), got)
+    q, kv = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 2, 9, 32)
+    assert kernels.attend_dense(q, kv[0], kv[1], torch.ones(2, 9, dtype=torch.bool)) is None
+
+
 def test_compiled_int4_matmul_equals_dequantize_then_matmul(monkeypatch):
     """x @ w.T read straight from 4-bit codes: row counts around the 4-row tiles, groups of 64 and
     128, fp32 and bf16 activations, leading batch axes, a call split over threads; and the same

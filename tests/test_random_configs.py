@@ -4,8 +4,9 @@ kind, sliding windows, post-LN OPT with projections), weights, cache and activat
 tiers at random percentages, micro-batch shapes, prompt lengths 1-51.
 
 - fp32: the engine equals HF (tokens, logprobs to 1e-4);
-- 4-bit / 3-bit weights and KV cache: equal to HF with quantize-dequantize hooks; also a 4-bit cache
-  with 64- or 128-wide heads read in place by the C attention loop, 1-10 query heads per KV head;
+- 4-bit / 3-bit weights and KV cache: equal to HF with quantize-dequantize hooks;
+- wide heads: 64- or 128-wide heads, 1-10 query heads per KV head, where CPU decode attention is the C
+  loop over a dense or a 4-bit cache (the draws above have narrower heads, so SDPA);
 - bf16 (4-bit weights or dense): the greedy tokens are HF fp32's top choice within bf16 noise;
 - searched: a random memory budget, the policy search's choice for it run under that budget: the
   peaks stay within budget and memory plan, results equal HF (or the search names the budget to raise).
@@ -103,10 +104,11 @@ def check_compressed(seed: int, tmp_path) -> None:
     _equals_quantized_reference(seed, ckpt, pol, prompts, new, tmp_path)
 
 
-def check_cache_in_place(seed: int, tmp_path) -> None:
-    """A 4-bit KV cache in 64-groups with 64- or 128-wide heads, held where attention runs: the C
-    loop reads it in place pass by pass (kernels.attend_compressed), with 1-10 query heads per KV head,
-    windows, prompt lengths that are and are not multiples of its 4-position steps."""
+def check_wide_heads(seed: int, tmp_path) -> None:
+    """64- or 128-wide heads, whose decode attention on the CPU is the C loop, pair by pair: over a
+    dense cache (kernels.attend_dense; equal to HF) or a 4-bit one in 64-groups read in place
+    (kernels.attend_compressed; equal to HF with quantize-dequantize hooks), with 1-10 query heads
+    per KV head, windows, prompt lengths that are and are not multiples of its 4-position steps."""
     r = random.Random(seed)
     family = r.choice(["llama", "mistral", "qwen2", "qwen3"])
     kv_heads, per_kv = r.choice([1, 2, 4]), r.randint(1, 10)
@@ -121,10 +123,16 @@ def check_cache_in_place(seed: int, tmp_path) -> None:
     ckpt = build_tiny_family(str(tmp_path / "m"), family, seed=r.randint(0, 99), tokenizer=False, **over)
     kcfg = CompressionConfig(4, 64, -1, symmetric=r.random() < 0.3)
     # rows x KV heads x head_dim a multiple of the 128-code packing block: every micro-batch in place
-    pol = Policy(gpu_batch_size=r.choice([2, 4]), num_gpu_batches=r.randint(1, 3), compress_cache=True,
+    pol = Policy(gpu_batch_size=r.choice([2, 4]), num_gpu_batches=r.randint(1, 3), compress_cache=r.random() < 0.5,
                  comp_cache_config=kcfg)
     prompts, new = random_prompts(r)
-    _equals_quantized_reference(seed, ckpt, pol, prompts, new, tmp_path)
+    if pol.compress_cache:
+        _equals_quantized_reference(seed, ckpt, pol, prompts, new, tmp_path)
+        return
+    res = _generate(ckpt, pol, torch.float32, tmp_path, prompts, new)
+    toks, lps = hf_reference(ckpt, prompts, new)
+    assert res.sequences == toks, (seed, pol)
+    assert max(abs(a - b) for g, w in zip(res.logprobs, lps) for a, b in zip(g, w)) < 1e-4, (seed, pol)
 
 
 def _equals_quantized_reference(seed, ckpt, pol: Policy, prompts, new, tmp_path) -> None:
@@ -194,7 +202,7 @@ def check_searched(seed: int, tmp_path) -> None:
 
 
 CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16, "searched": check_searched,
-          "cache_in_place": check_cache_in_place}
+          "wide_heads": check_wide_heads}
 
 
 @pytest.mark.parametrize("kind", list(CHECKS))

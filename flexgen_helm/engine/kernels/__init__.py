@@ -110,6 +110,9 @@ def _library():
     lib.fg_attend_compressed_mt.restype = c_int
     lib.fg_attend_compressed_mt.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, c_int, i64, i64, i64, c_int, ptr,
                                             ptr, ptr, ptr, ptr, c_int, ctypes.c_float, i64, c_int]
+    lib.fg_attend_dense_mt.restype = c_int
+    lib.fg_attend_dense_mt.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, c_int,
+                                       ctypes.c_float, c_int]
     lib.fg_int4_matmul.restype = c_int
     lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul.restype = c_int
@@ -198,6 +201,29 @@ def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int,
         threads = max(1, torch.get_num_threads()) if work >= _MIN_PARALLEL else 1
         return out if lib.fg_attend_compressed_mt(*args, unit, threads) == 0 else None
     return out if _split(lambda b, e: lib.fg_attend_compressed(*args, b, e), B * H, unit, work=work) else None
+
+
+def attend_dense(q, k, v, allowed):
+    """One decode step of attention over a dense cache, read in place by the C loop: q (B, Hq, 1, D); k, v
+    (B, H, n, D) views whose rows of D are contiguous (a cache buffer's prefix, the new token included);
+    allowed (B, n) bool. Returns (B, Hq, 1, D) in q's dtype, or None where the loop does not apply (the
+    caller runs SDPA): not the CPU, not fp32/bf16, D not a multiple of 64, no AVX2, no compiler."""
+    import torch
+    lib = _library()
+    kind = {torch.float32: 0, torch.bfloat16: 1}.get(q.dtype)
+    B, Hq, one, D = q.shape
+    if (lib is None or kind is None or q.device.type != "cpu" or one != 1 or D % 64 or k.dtype != q.dtype
+            or v.dtype != q.dtype or k.shape != v.shape or k.stride() != v.stride() or k.shape[0] != B
+            or k.shape[3] != D or k.stride(3) != 1 or k.stride(2) != D or Hq % k.shape[1]):
+        return None
+    H, n = k.shape[1], k.shape[2]
+    q = q.contiguous()
+    ok = allowed.to(torch.uint8).contiguous()
+    out = torch.empty_like(q)
+    threads = max(1, torch.get_num_threads()) if 2 * n * B * Hq * D >= _MIN_PARALLEL and lib.fg_openmp() else 1
+    rc = lib.fg_attend_dense_mt(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), n, B, H, Hq, D, q.data_ptr(),
+                                ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, threads)
+    return out if rc == 0 else None
 
 
 def attend_compressed_ok(B: int, H: int, Hq: int, D: int, block_codes: int, group: int) -> bool:

@@ -341,26 +341,21 @@ static inline __m256 codes8_v(const uint8_t *src, int high, int j) {
     return _mm256_cvtepi32_ps(high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
 }
 
-/* codes64 into 8 registers (no store), and the two uses of a group of 64 codes in attention:
- * q . codes and dst += a * codes. Speed: the scalar loops through a float buffer cost ~0.33 ns per
- * cached value on an AVX2 core, more than a dense cache's SDPA. */
-static inline void codes64_v(const uint8_t *packed, int64_t c, __m256 out[8]) {
-    const uint8_t *src = packed + (c >> 7) * 64;
-    const int high = (int)((c >> 6) & 1);
-    for (int j = 0; j < 8; j++) out[j] = codes8_v(src, high, j);
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-static inline float dot64_v(const float *q, const __m256 c[8]) {
-    __m256 a0 = _mm256_mul_ps(c[0], _mm256_loadu_ps(q)), a1 = _mm256_mul_ps(c[1], _mm256_loadu_ps(q + 8));
-    for (int j = 2; j < 8; j += 2) {
-        a0 = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(q + 8 * j), a0);
-        a1 = _mm256_fmadd_ps(c[j + 1], _mm256_loadu_ps(q + 8 * j + 8), a1);
-    }
-    __m256 s = _mm256_add_ps(a0, a1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
+/* What the attention passes read, 64 values per position and group: 4-bit codes (the low or high
+ * nibbles of 64 bytes of a 128-code block), or fp32 / bf16 rows. */
+enum { SRC_CODES4 = 0, SRC_F32 = 1, SRC_BF16 = 2 };
+
+/* values [8 j, 8 j + 8) of position i's 64, at base + i * stride (bytes for codes, else elements) as
+ * floats. sk is a constant wherever this is inlined, so the branches fold away. */
+static inline __attribute__((always_inline)) __m256 src8(const void *base, int sk, int high, int64_t stride,
+                                                         int64_t i, int j) {
+    if (sk == SRC_CODES4) return codes8_v((const uint8_t *)base + i * stride, high, j);
+    if (sk == SRC_F32) return _mm256_loadu_ps((const float *)base + i * stride + 8 * j);
+    return bf16x8((const uint16_t *)base + i * stride + 8 * j);
 }
 
 #define FG_ATTEND_V 1
@@ -368,19 +363,18 @@ static inline float dot64_v(const float *q, const __m256 c[8]) {
 
 #ifdef FG_ATTEND_V
 /* The values' sum of HB query heads over one 64-value group, CJ 8-value runs (from run j0) at a time:
- * out[h][8 (j0 + j) + t] = sum over positions i in [i0, n) of wts[h * ws + i] * code(i)[8 (j0 + j) + t],
- * position i's 64 codes in the 64 bytes at base + i * stride (low or high nibbles). HB x CJ <= 8
- * accumulators stay in registers across all positions, and each code is widened once for all HB heads.
- * HB and CJ are constants at every call site (always_inline), so the loops unroll. */
-static inline __attribute__((always_inline)) void values_tile(const uint8_t *base, int high, int64_t stride,
+ * out[h][8 (j0 + j) + t] = sum over positions i in [i0, n) of wts[h * ws + i] * value(i)[8 (j0 + j) + t]
+ * (src8). HB x CJ <= 8 accumulators stay in registers across all positions, and each value is loaded
+ * (a code widened) once for all HB heads. sk, HB and CJ are constants at every call site
+ * (always_inline), so the loops unroll. */
+static inline __attribute__((always_inline)) void values_tile(const void *base, int sk, int high, int64_t stride,
                                                               const float *wts, int64_t ws, int64_t i0, int64_t n,
                                                               int HB, int CJ, int j0, float *out, int64_t os) {
     __m256 a[8];
     for (int k = 0; k < HB * CJ; k++) a[k] = _mm256_setzero_ps();
     for (int64_t i = i0; i < n; i++) {
-        const uint8_t *src = base + i * stride;
         for (int j = 0; j < CJ; j++) {
-            const __m256 cv = codes8_v(src, high, j0 + j);
+            const __m256 cv = src8(base, sk, high, stride, i, j0 + j);
             for (int h = 0; h < HB; h++)
                 a[h * CJ + j] = _mm256_fmadd_ps(cv, _mm256_broadcast_ss(wts + h * ws + i), a[h * CJ + j]);
         }
@@ -390,9 +384,11 @@ static inline __attribute__((always_inline)) void values_tile(const uint8_t *bas
 }
 
 /* values_tile over all 8 runs of the group for hb (1..8) heads: as many runs per pass as registers allow */
-static void values_group(const uint8_t *base, int high, int64_t stride, const float *wts, int64_t ws, int64_t i0,
-                         int64_t n, int hb, float *out, int64_t os) {
-#define FG_VT(HB, CJ) for (int j0 = 0; j0 < 8; j0 += CJ) values_tile(base, high, stride, wts, ws, i0, n, HB, CJ, j0, out, os)
+static inline __attribute__((always_inline)) void values_group_k(const void *base, int sk, int high, int64_t stride,
+                                                                 const float *wts, int64_t ws, int64_t i0, int64_t n,
+                                                                 int hb, float *out, int64_t os) {
+#define FG_VT(HB, CJ) \
+    for (int j0 = 0; j0 < 8; j0 += CJ) values_tile(base, sk, high, stride, wts, ws, i0, n, HB, CJ, j0, out, os)
     switch (hb) {
     case 1: FG_VT(1, 8); break;
     case 2: FG_VT(2, 4); break;
@@ -405,6 +401,13 @@ static void values_group(const uint8_t *base, int high, int64_t stride, const fl
     }
 #undef FG_VT
 }
+
+static void values_group(const void *base, int sk, int high, int64_t stride, const float *wts, int64_t ws,
+                         int64_t i0, int64_t n, int hb, float *out, int64_t os) {
+    if (sk == SRC_CODES4) values_group_k(base, SRC_CODES4, high, stride, wts, ws, i0, n, hb, out, os);
+    else if (sk == SRC_F32) values_group_k(base, SRC_F32, high, stride, wts, ws, i0, n, hb, out, os);
+    else values_group_k(base, SRC_BF16, high, stride, wts, ws, i0, n, hb, out, os);
+}
 #endif
 
 #ifdef FG_ATTEND_V
@@ -414,14 +417,14 @@ static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* The keys' pass over one 64-code group of one (batch row, KV head) pair for positions [i0, n), 4 at a
- * time: dots[h * ws + i] = q_h . code(i) for the gq query heads at q (stride D), position i's codes in the
- * 64 bytes at base + i * stride (low or high nibbles). Returns the first position it left (n - i0 mod 4
- * remain for the caller). Speed: 4 positions' sums are reduced together (hsum4), and each head's 64 query
- * values stay in registers across positions; with one query head the codes are widened straight into
- * the multiply-adds, with several they are widened once into a 1 KB buffer that every head reads. */
-static int64_t keys_group(const uint8_t *base, int high, int64_t stride, const float *q, int64_t D, int64_t gq,
-                          int64_t i0, int64_t n, float *dots, int64_t ws) {
+/* The keys' pass over one 64-value group of one (batch row, KV head) pair for positions [i0, n):
+ * dots[h * ws + i] = q_h . value(i) (src8) for the gq query heads at q (stride D). Speed: 4 positions at
+ * a time, their sums reduced together (hsum4); each head's 64 query values stay in registers across
+ * positions; with one query head the values are loaded (codes widened) straight into the
+ * multiply-adds, with several once into a 1 KB buffer that every head reads. */
+static inline __attribute__((always_inline)) void keys_group_k(const void *base, int sk, int high, int64_t stride,
+                                                               const float *q, int64_t D, int64_t gq, int64_t i0,
+                                                               int64_t n, float *dots, int64_t ws) {
     int64_t i = i0;
     if (gq == 1) {
         __m256 qr[8];
@@ -429,30 +432,41 @@ static int64_t keys_group(const uint8_t *base, int high, int64_t stride, const f
         for (; i + 4 <= n; i += 4) {
             __m256 a[4];
             for (int t = 0; t < 4; t++) {
-                const uint8_t *src = base + (i + t) * stride;
-                a[t] = _mm256_mul_ps(codes8_v(src, high, 0), qr[0]);
-                for (int j = 1; j < 8; j++) a[t] = _mm256_fmadd_ps(codes8_v(src, high, j), qr[j], a[t]);
+                a[t] = _mm256_mul_ps(src8(base, sk, high, stride, i + t, 0), qr[0]);
+                for (int j = 1; j < 8; j++) a[t] = _mm256_fmadd_ps(src8(base, sk, high, stride, i + t, j), qr[j], a[t]);
             }
             _mm_storeu_ps(dots + i, hsum4(a[0], a[1], a[2], a[3]));
         }
-        return i;
-    }
-    __m256 cb[4][8];
-    for (; i + 4 <= n; i += 4) {
-        for (int t = 0; t < 4; t++)
-            for (int j = 0; j < 8; j++) cb[t][j] = codes8_v(base + (i + t) * stride, high, j);
-        for (int64_t h = 0; h < gq; h++) {
-            const float *qh = q + h * D;
-            __m256 a[4];
-            for (int t = 0; t < 4; t++) a[t] = _mm256_mul_ps(cb[t][0], _mm256_loadu_ps(qh));
-            for (int j = 1; j < 8; j++) {
-                const __m256 qj = _mm256_loadu_ps(qh + 8 * j);
-                for (int t = 0; t < 4; t++) a[t] = _mm256_fmadd_ps(cb[t][j], qj, a[t]);
+    } else {
+        __m256 cb[4][8];
+        for (; i + 4 <= n; i += 4) {
+            for (int t = 0; t < 4; t++)
+                for (int j = 0; j < 8; j++) cb[t][j] = src8(base, sk, high, stride, i + t, j);
+            for (int64_t h = 0; h < gq; h++) {
+                const float *qh = q + h * D;
+                __m256 a[4];
+                for (int t = 0; t < 4; t++) a[t] = _mm256_mul_ps(cb[t][0], _mm256_loadu_ps(qh));
+                for (int j = 1; j < 8; j++) {
+                    const __m256 qj = _mm256_loadu_ps(qh + 8 * j);
+                    for (int t = 0; t < 4; t++) a[t] = _mm256_fmadd_ps(cb[t][j], qj, a[t]);
+                }
+                _mm_storeu_ps(dots + h * ws + i, hsum4(a[0], a[1], a[2], a[3]));
             }
-            _mm_storeu_ps(dots + h * ws + i, hsum4(a[0], a[1], a[2], a[3]));
         }
     }
-    return i;
+    for (; i < n; i++)  /* the last (n - i0) mod 4 positions, one at a time */
+        for (int64_t h = 0; h < gq; h++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int j = 0; j < 8; j++) a = _mm256_fmadd_ps(src8(base, sk, high, stride, i, j), _mm256_loadu_ps(q + h * D + 8 * j), a);
+            dots[h * ws + i] = _mm_cvtss_f32(hsum4(a, a, a, a));
+        }
+}
+
+static void keys_group(const void *base, int sk, int high, int64_t stride, const float *q, int64_t D, int64_t gq,
+                       int64_t i0, int64_t n, float *dots, int64_t ws) {
+    if (sk == SRC_CODES4) keys_group_k(base, SRC_CODES4, high, stride, q, D, gq, i0, n, dots, ws);
+    else if (sk == SRC_F32) keys_group_k(base, SRC_F32, high, stride, q, D, gq, i0, n, dots, ws);
+    else keys_group_k(base, SRC_BF16, high, stride, q, D, gq, i0, n, dots, ws);
 }
 #endif
 
@@ -576,14 +590,8 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                 for (int64_t r = 0; r < G; r++) {
                     const int64_t c0 = pair * D + r * 64;  /* position 0's first key code */
                     const float *qp = qv + p * gq * D + r * 64;
-                    int64_t i = keys_group(packed + (c0 >> 7) * 64, (int)((c0 >> 6) & 1), BHD, qp, D, gq, i0, n,
-                                           wts, n);
-                    for (; i < n; i++) {  /* the last n mod 4 positions */
-                        __m256 cv[8];
-                        codes64_v(packed, c0 + i * 2 * BHD, cv);
-                        for (int64_t g = 0; g < gq; g++) wts[g * n + i] = dot64_v(qp + g * D, cv);
-                    }
-                    for (i = i0; i < n; i++) {
+                    keys_group(packed + (c0 >> 7) * 64, SRC_CODES4, (int)((c0 >> 6) & 1), BHD, qp, D, gq, i0, n, wts, n);
+                    for (int64_t i = i0; i < n; i++) {
                         const uint16_t *m = meta + ((c0 + i * 2 * BHD) / 64) * (symmetric ? 1 : 2);
                         const float step = half_to_float(symmetric ? m[0] : m[1]);
                         const float lo = symmetric ? -offset * step : half_to_float(m[0]);
@@ -625,7 +633,7 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                         cst[(p * gq + g) * G + r] += cs;
                     }
                     for (int64_t g = 0; g < gq; g += 8)
-                        values_group(packed + (c0 >> 7) * 64, (int)((c0 >> 6) & 1), BHD, wts + g * n, n, i0, n,
+                        values_group(packed + (c0 >> 7) * 64, SRC_CODES4, (int)((c0 >> 6) & 1), BHD, wts + g * n, n, i0, n,
                                      (int)(gq - g < 8 ? gq - g : 8), acc + (p * gq + g) * D + r * 64, D);
                 }
                 if (ok[n])  /* the new token's value, dense */
@@ -721,6 +729,83 @@ int fg_attend_compressed_mt(const uint8_t *packed, const uint16_t *meta, int64_t
         if (b < e)
             failed |= fg_attend_compressed(packed, meta, n, B, H, Hq, D, bits, block_codes, block_bytes, group,
                                            symmetric, q, new_k, new_v, allowed, out, kind, scale, b, e) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* One decode step of attention over a dense cache for the (batch row, KV head) pairs [p_begin, p_end)
+ * of B x H, every query head of a pair's group at once (GQA: Hq = H x gq). Keys and values of pair
+ * (b, h) are n rows of D contiguous values at k + b * sb + h * sh (v likewise; the new token's row
+ * already written at n - 1); q and out: (B, Hq, D); allowed: (B, n) bytes, 1 = attend (padding and
+ * window applied by the caller; at least one position per row). kind: 0 fp32, 1 bf16 (everything).
+ * Scores, softmax and sums in fp32, the output rounded once. Needs AVX2 + FMA and D a multiple of 64.
+ * Speed: torch's SDPA takes 0.27-0.62 ns per cached value in fp32 on a 2-core AVX2 CPU (one small
+ * matmul per (row, head), a generic GQA path), 0.8-2.9 in bf16 where bf16 is emulated; this reads each
+ * value once, pair by pair, with the passes of the compressed cache (keys_group, values_group). */
+int fg_attend_dense(const void *k, const void *v, int64_t sb, int64_t sh, int64_t n, int64_t B, int64_t H,
+                    int64_t Hq, int64_t D, const void *q, const uint8_t *allowed, void *out, int kind, float scale,
+                    int64_t p_begin, int64_t p_end) {
+#ifdef FG_ATTEND_V
+    const int64_t P = p_end - p_begin, gq = H > 0 ? Hq / H : 0, G = D / 64, W = P * gq;
+    if (H < 1 || Hq % H || D % 64 || kind < 0 || kind > 1 || P < 1 || n < 1 || p_end > B * H)
+        return -1;
+    const int sk = kind ? SRC_BF16 : SRC_F32;
+    const size_t es = kind ? 2 : 4;
+    float *qv = malloc(sizeof(float) * (size_t)(2 * W * D + W * n + gq * n + 64));
+    if (!qv) return -1;
+    float *acc = qv + W * D, *scores = acc + W * D, *dots = scores + W * n;
+    for (int64_t t = 0; t < W * D; t++) qv[t] = load_one(q, kind, p_begin * gq * D + t);
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t pair = p_begin + p, bi = pair / H, hh = pair % H;
+        const uint8_t *ok = allowed + bi * n;
+        const char *kp = (const char *)k + (bi * sb + hh * sh) * es, *vp = (const char *)v + (bi * sb + hh * sh) * es;
+        float *sp = scores + p * gq * n;
+        int64_t i0 = 0;
+        while (i0 < n - 1 && !ok[i0]) i0++;  /* left padding, or positions before a window */
+        for (int64_t i = 0; i < gq * n; i++) sp[i] = 0.0f;
+        for (int64_t r = 0; r < G; r++) {
+            keys_group(kp + r * 64 * es, sk, 0, D, qv + p * gq * D + r * 64, D, gq, i0, n, dots, n);
+            for (int64_t g = 0; g < gq; g++)
+                for (int64_t i = i0; i < n; i++) sp[g * n + i] += dots[g * n + i];
+        }
+        for (int64_t g = 0; g < gq; g++) {
+            for (int64_t i = 0; i < n; i++)
+                if (!ok[i]) sp[g * n + i] = -INFINITY;
+            softmax_scaled(sp + g * n, n, scale);
+        }
+        for (int64_t r = 0; r < G; r++)
+            for (int64_t g = 0; g < gq; g += 8)
+                values_group(vp + r * 64 * es, sk, 0, D, sp + g * n, n, i0, n, (int)(gq - g < 8 ? gq - g : 8),
+                             acc + (p * gq + g) * D + r * 64, D);
+    }
+    for (int64_t t = 0; t < W * D; t++) {
+        const int64_t o = p_begin * gq * D + t;
+        if (kind == 0) ((float *)out)[o] = acc[t];
+        else ((uint16_t *)out)[o] = float_to_bf16(acc[t]);
+    }
+    free(qv);
+    return 0;
+#else
+    (void)k; (void)v; (void)sb; (void)sh; (void)n; (void)B; (void)H; (void)Hq; (void)D; (void)q; (void)allowed;
+    (void)out; (void)kind; (void)scale; (void)p_begin; (void)p_end;
+    return -1;  /* no vector path here: the caller runs SDPA */
+#endif
+}
+
+/* fg_attend_dense over all B x H pairs in `threads` pieces, on torch's OpenMP pool */
+int fg_attend_dense_mt(const void *k, const void *v, int64_t sb, int64_t sh, int64_t n, int64_t B, int64_t H,
+                       int64_t Hq, int64_t D, const void *q, const uint8_t *allowed, void *out, int kind, float scale,
+                       int threads) {
+    const int64_t pairs = B * H;
+    const int pieces = threads < pairs ? threads : (int)pairs;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(pieces) if (pieces > 1) reduction(|:failed)
+#endif
+    for (int t = 0; t < pieces; t++) {
+        const int64_t b = pairs * t / pieces, e = pairs * (t + 1) / pieces;
+        if (b < e)
+            failed |= fg_attend_dense(k, v, sb, sh, n, B, H, Hq, D, q, allowed, out, kind, scale, b, e) != 0;
     }
     return failed ? -1 : 0;
 }
@@ -856,10 +941,6 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
  * multiplied into up to 4 rows of x at once, as in the 4-bit loop above. For many rows the caller
  * widens the weight once and runs torch's fp32 matmul instead (kernels.bf16_matmul). */
 #if defined(__AVX2__) && defined(__FMA__)
-static inline __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 static inline __attribute__((always_inline)) void bf16_row_tile(const uint16_t *wrow, const float *x, int64_t K,
                                                                  int mr, float *out) {
     const int na = mr <= 2 ? 4 : 2;  /* accumulators per row: enough independent chains to hide latency */
