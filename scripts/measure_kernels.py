@@ -8,8 +8,9 @@ engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activa
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row; one decode step of attention
-over a 4-bit g64 KV cache read in place by the compiled loop (kernels.attend_compressed) next to
-torch's SDPA over the same cache held dense (layers.decode_attention), for MHA and GQA head shapes.
+over a 4-bit g64 KV cache read in place by the compiled loop (kernels.attend_compressed), over the
+same cache held dense by the compiled loop (kernels.attend_dense, the engine's CPU path) and by
+torch's SDPA, for MHA and GQA head shapes.
 
     python scripts/measure_kernels.py --json reports/bench/kernels.json [--threads N] [--parts attention]
 """
@@ -34,14 +35,14 @@ def _median_s(fn, reps: int) -> float:
 
 def attention_figures(reps: int) -> list[dict]:
     """One decode step of attention (8 sequences, 530 cached positions), per head shape: the compiled
-    loop over a 4-bit g64 cache against SDPA over the dense cache, fp32 and bf16, 24 caches cycled so
-    their bytes come from memory as a model's layers' would."""
+    loop over a 4-bit g64 cache, and over the dense cache next to torch's SDPA, fp32 and bf16, 24 caches
+    cycled so their bytes come from memory as a model's layers' would."""
     import torch
 
     from flexgen_helm.engine import compression as C
     from flexgen_helm.engine import kernels
     from flexgen_helm.engine.config import CompressionConfig
-    from flexgen_helm.engine.layers import decode_attention
+    from flexgen_helm.engine.layers import _sdpa
 
     if not kernels.available():
         return []
@@ -65,14 +66,20 @@ def attention_figures(reps: int) -> list[dict]:
                 pk, meta = packed[it[0] % copies]
                 return kernels.attend_compressed(pk, meta, n, q, nk, nv, mask, 4, block, block_bytes, 64, False)
 
+            def loop_dense(it=it):
+                it[0] += 1
+                k, v = dense[it[0] % copies]
+                return kernels.attend_dense(q, k, v, mask)
+
             def sdpa(it=it):
                 it[0] += 1
                 k, v = dense[it[0] % copies]
-                return decode_attention(q, k, v, mask, None)
-            t_loop, t_sdpa = (_median_s(lambda f=f: [f() for _ in range(copies)], reps) / copies for f in (loop, sdpa))
+                return _sdpa(q, k, v, mask[:, None, None, :])
+            t_loop, t_dense, t_sdpa = (_median_s(lambda f=f: [f() for _ in range(copies)], reps) / copies
+                                       for f in (loop, loop_dense, sdpa))
             row = {"shape": name, "kv_heads": H, "q_heads": Hq, "head_dim": D, "batch": B, "positions": n,
-                   "dtype": str(dt).split(".")[1], "loop_4bit_ms": t_loop * 1e3, "sdpa_dense_ms": t_sdpa * 1e3,
-                   "speedup": t_sdpa / t_loop}
+                   "dtype": str(dt).split(".")[1], "loop_4bit_ms": t_loop * 1e3, "loop_dense_ms": t_dense * 1e3,
+                   "sdpa_dense_ms": t_sdpa * 1e3, "speedup": t_sdpa / t_loop, "dense_loop_speedup": t_sdpa / t_dense}
             out.append(row)
             print(" ".join(f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)
