@@ -530,6 +530,22 @@ static void softmax_scaled(float *sc, int64_t len, float scale) {
     for (i = 0; i < len; i++) sc[i] /= sum;
 }
 
+/* The first attended position before `end` (end if none): what precedes it is left padding or
+ * positions before a window, which the pair-by-pair passes skip. */
+static inline int64_t first_allowed(const uint8_t *ok, int64_t end) {
+    int64_t i = 0;
+    while (i < end && !ok[i]) i++;
+    return i;
+}
+
+/* Piece t of `pieces` over `items` (B x H pairs), cut at multiples of `unit`: [*b, *e). */
+static inline void piece_range(int64_t items, int64_t unit, int t, int pieces, int64_t *b, int64_t *e) {
+    const int64_t units = (items + unit - 1) / unit;
+    *b = units * t / pieces * unit;
+    *e = units * (t + 1) / pieces * unit;
+    *e = *e < items ? *e : items;
+}
+
 /* One decode step of attention for the (batch row, KV head) pairs [p_begin, p_end) of B x H, every
  * query head of a pair's group at once (GQA: Hq = H x gq). The cache holds positions [0, n) of an
  * (n, 2, B, H, D) tensor in compression.py's packed format; the new token's key and value (B, H, D)
@@ -584,8 +600,7 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
                 const int64_t pair = p_begin + p, bi = pair / H;
                 const uint8_t *ok = allowed + bi * (n + 1);
                 float *sp = scores + p * gq * (n + 1);
-                int64_t i0 = 0;
-                while (i0 < n && !ok[i0]) i0++;  /* left padding, or positions before a window */
+                const int64_t i0 = first_allowed(ok, n);
                 for (int64_t i = 0; i < gq * (n + 1); i++) sp[i] = 0.0f;
                 for (int64_t r = 0; r < G; r++) {
                     const int64_t c0 = pair * D + r * 64;  /* position 0's first key code */
@@ -614,8 +629,7 @@ int fg_attend_compressed(const uint8_t *packed, const uint16_t *meta, int64_t n,
             for (int64_t p = 0; p < P; p++) {
                 const int64_t pair = p_begin + p, bi = pair / H;
                 const uint8_t *ok = allowed + bi * (n + 1);
-                int64_t i0 = 0;
-                while (i0 < n && !ok[i0]) i0++;  /* left padding, or positions before a window */
+                const int64_t i0 = first_allowed(ok, n);
                 for (int64_t r = 0; r < G; r++) {
                     const int64_t c0 = BHD + pair * D + r * 64;  /* position 0's first value code */
                     for (int64_t i = i0; i < n; i++) {
@@ -724,8 +738,8 @@ int fg_attend_compressed_mt(const uint8_t *packed, const uint16_t *meta, int64_t
 #pragma omp parallel for schedule(static) num_threads(pieces) if (pieces > 1) reduction(|:failed)
 #endif
     for (int t = 0; t < pieces; t++) {
-        int64_t b = units * t / pieces * unit, e = units * (t + 1) / pieces * unit;
-        e = e < pairs ? e : pairs;
+        int64_t b, e;
+        piece_range(pairs, unit, t, pieces, &b, &e);
         if (b < e)
             failed |= fg_attend_compressed(packed, meta, n, B, H, Hq, D, bits, block_codes, block_bytes, group,
                                            symmetric, q, new_k, new_v, allowed, out, kind, scale, b, e) != 0;
@@ -760,10 +774,10 @@ int fg_attend_dense(const void *k, const void *v, int64_t sb, int64_t sh, int64_
         const uint8_t *ok = allowed + bi * n;
         const char *kp = (const char *)k + (bi * sb + hh * sh) * es, *vp = (const char *)v + (bi * sb + hh * sh) * es;
         float *sp = scores + p * gq * n;
-        int64_t i0 = 0;
-        while (i0 < n - 1 && !ok[i0]) i0++;  /* left padding, or positions before a window */
-        for (int64_t i = 0; i < gq * n; i++) sp[i] = 0.0f;
-        for (int64_t r = 0; r < G; r++) {
+        const int64_t i0 = first_allowed(ok, n - 1);  /* the new token, at n - 1, is attended */
+        /* the first group's dots are the scores (positions before i0 are masked below), later ones add */
+        keys_group(kp, sk, 0, D, qv + p * gq * D, D, gq, i0, n, sp, n);
+        for (int64_t r = 1; r < G; r++) {
             keys_group(kp + r * 64 * es, sk, 0, D, qv + p * gq * D + r * 64, D, gq, i0, n, dots, n);
             for (int64_t g = 0; g < gq; g++)
                 for (int64_t i = i0; i < n; i++) sp[g * n + i] += dots[g * n + i];
@@ -803,7 +817,8 @@ int fg_attend_dense_mt(const void *k, const void *v, int64_t sb, int64_t sh, int
 #pragma omp parallel for schedule(static) num_threads(pieces) if (pieces > 1) reduction(|:failed)
 #endif
     for (int t = 0; t < pieces; t++) {
-        const int64_t b = pairs * t / pieces, e = pairs * (t + 1) / pieces;
+        int64_t b, e;
+        piece_range(pairs, 1, t, pieces, &b, &e);
         if (b < e)
             failed |= fg_attend_dense(k, v, sb, sh, n, B, H, Hq, D, q, allowed, out, kind, scale, b, e) != 0;
     }
