@@ -545,6 +545,38 @@ def test_compiled_int4_matmul_equals_dequantize_then_matmul(monkeypatch):
     assert not C.GroupInt4Weight.ok((64, 128), CompressionConfig(group_dim=1, symmetric=True))
 
 
+def test_int4_matmul_on_bf16_activations_is_within_its_fixed_point_bound(monkeypatch):
+    """bf16 activations go through the 16-bit fixed-point loop: per 64 values a power-of-two scale,
+    so values within 2^7 of the group's largest are exact and smaller ones move by at most 2^(e-16)
+    (max |x| < 2^e). The product must stay within that bound plus the output's bf16 rounding, with
+    activations spanning 2^-30..2^6 inside each group, all-zero groups and 1-9 rows; and equal the
+    fp32 loop's answer where the build has no such loop."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available() or not kernels._library().fg_int4_x16():
+        pytest.skip("no compiled AVX2 loop here")
+    torch.manual_seed(11)
+    for (n, k), gs in (((96, 384), 64), ((40, 256), 128), ((520, 1152), 64)):
+        cfg = CompressionConfig(num_bits=4, group_size=gs, group_dim=1)
+        wq = C.GroupInt4Weight.from_dense(torch.randn(n, k) * torch.logspace(-2, 1, k), cfg, torch.bfloat16)
+        ref_w = C.dequantize(wq.packed, wq.meta, (n, k), cfg, torch.float32)
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = (torch.randn(rows, k) * 2.0 ** torch.randint(-30, 6, (rows, k)).float()).bfloat16()
+            x[0, 64:128] = 0  # a group with nothing in it
+            want = x.float() @ ref_w.T
+            got = wq.matmul(x)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            e = torch.frexp(x.float().view(rows, -1, 64).abs().amax(-1))[1].float()  # max |x| < 2^e
+            step = (2.0 ** (e - 16)).repeat_interleave(64, dim=-1)
+            bound = step @ ref_w.abs().T + want.abs() * 2 ** -8 + 1e-6 * (x.float().abs() @ ref_w.abs().T)
+            assert ((got.float() - want).abs() <= bound).all(), (n, k, rows)
+    monkeypatch.setattr(kernels._library(), "fg_int4_x16", lambda: 0)
+    x = torch.randn(3, 384).bfloat16()
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=1)
+    wq = C.GroupInt4Weight.from_dense(torch.randn(96, 384), cfg, torch.bfloat16)
+    ref = x.float() @ C.dequantize(wq.packed, wq.meta, (96, 384), cfg, torch.float32).T
+    assert torch.allclose(wq.matmul(x).float(), ref, rtol=2 ** -7, atol=1e-3)
+
+
 def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monkeypatch):
     """Where the CPU emulates bf16, layers.linear multiplies bf16 weights by the compiled loop (few
     rows) or widens them for torch's fp32 matmul (many rows): both equal the fp32 product of the

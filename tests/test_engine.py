@@ -336,6 +336,31 @@ def test_no_overlap_gives_same_result(tiny_opt, ref, tmp_path):
         assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0]
 
 
+def test_weights_used_where_they_lie_are_staged_once(tiny_opt, ref, tmp_path, monkeypatch):
+    """All weights on the compute tier, used in place: each layer's views are built once, not per
+    step on the I/O threads (whose Python would contend with the compute thread for the GIL); weights
+    that are streamed or dequantized per step still go through the loader every step."""
+    from flexgen_helm.engine import weight_store
+    loads = []
+    orig = weight_store.WeightStore._load
+    monkeypatch.setattr(weight_store.WeightStore, "_load", lambda self, j, slot: loads.append(j) or orig(self, j, slot))
+    with _engine(tiny_opt, POLICIES["all-compute"], tmp_path) as eng:
+        layers = eng.spec.num_layers + 2
+        assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0]
+        assert sorted(loads) == list(range(layers))
+        assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0]
+        assert len(loads) == layers
+    loads.clear()
+    with _engine(tiny_opt, POLICIES["all-host"], tmp_path) as eng:
+        eng.generate(PROMPTS, max_new_tokens=NEW)
+        assert len(loads) >= NEW * (eng.spec.num_layers + 2)
+    loads.clear()
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=3, compress_weight=True, int4_kernel="dequantize")
+    with _engine(tiny_opt, pol, tmp_path) as eng:
+        eng.generate(PROMPTS, max_new_tokens=NEW)
+        assert len(loads) > eng.spec.num_layers + 2  # dequantized per step: not static
+
+
 def test_block_wide_decode_matmuls_equal_per_micro_batch(tiny_opt, ref, tmp_path):
     """Decode runs projections and MLP once over all micro-batches' rows; results are the same."""
     for block in (True, False):
