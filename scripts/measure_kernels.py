@@ -4,7 +4,7 @@ Per row count: dense matmul in bf16 and fp32 (torch's), the engine's bf16 linear
 the compiled bf16 loop or widened fp32 where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
 `int4` slots, when a C compiler is there) or dequantized to fp32 for torch's fp32 matmul (the
-`int4` slots' path beyond layers.INT4_LOOP_MAX_ROWS rows) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
+`int4` slots' path beyond layers.int4_loop_max_rows rows) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
 reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row; one decode step of attention

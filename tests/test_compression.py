@@ -613,7 +613,7 @@ def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monk
 
 def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_loop(monkeypatch):
     """layers.linear runs a compiled-loop 4-bit weight (GroupInt4Weight) on the loop up to
-    INT4_LOOP_MAX_ROWS rows and beyond that dequantizes it to fp32 a block of output rows at a time
+    int4_loop_max_rows(dtype) rows and beyond that dequantizes it to fp32 a block of output rows at a time
     for torch's matmul: both equal x @ dequantize(w).T (fp32 or bf16 activations, bias, batch axes,
     groups of 64 and 128, blocks of rows that do not divide the output rows)."""
     from flexgen_helm.engine import kernels, layers
@@ -632,16 +632,17 @@ def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_lo
         wq = C.GroupInt4Weight.from_dense(w, cfg, torch.float32)
         ref_w = C.dequantize(wq.packed, wq.meta, (n, k), cfg, torch.float32)
         bias = torch.randn(n)
-        for rows in (layers.INT4_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS + 1, 200):
-            for dt in (torch.float32, torch.bfloat16):
+        for dt in (torch.float32, torch.bfloat16):
+            limit = layers.int4_loop_max_rows(dt)
+            for rows in (limit, limit + 1, 200):
                 calls.clear()
-                x = torch.randn(rows, k).to(dt) if rows <= layers.INT4_LOOP_MAX_ROWS + 1 else torch.randn(2, rows // 2, k).to(dt)
+                x = torch.randn(rows, k).to(dt) if rows <= limit + 1 else torch.randn(2, rows // 2, k).to(dt)
                 want = x.float() @ ref_w.T + bias.to(dt).float()
                 got = layers.linear(x, wq, bias.to(dt))
                 assert got.dtype == dt and got.shape == (*x.shape[:-1], n)
                 tol = 1e-4 if dt == torch.float32 else 2 ** -7
                 assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item()), (n, rows, dt)
-                many = rows > layers.INT4_LOOP_MAX_ROWS
+                many = rows > limit
                 assert bool(calls) == many
                 if many:  # every output row dequantized exactly once, in blocks
                     assert sorted(calls)[0][0] == 0 and sorted(calls)[-1][1] == n

@@ -315,6 +315,7 @@ def test_plan_counts_the_cpu_fp32_widening_scratch(tiny_opt, tmp_path, monkeypat
     monkeypatch.setattr(layers, "_fp32_linear", spy)
     monkeypatch.setattr(layers, "BF16_LOOP_MAX_ROWS", 5)  # calls beyond 5 rows widen: prefills, not decodes
     monkeypatch.setattr(layers, "INT4_LOOP_MAX_ROWS", 5)
+    monkeypatch.setattr(layers, "INT4_X16_LOOP_MAX_ROWS", 5)
     pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=compress)
     spec = load_spec(tiny_opt)
     with Engine.from_pretrained(tiny_opt, policy=pol, device="cpu", dtype=dtype, offload_dir=str(tmp_path)) as eng:

@@ -55,6 +55,16 @@ BF16_LOOP_MAX_ROWS = 48
 # weights, GFLOP/s loop vs dequantized: 16 rows 93 vs 36, 48: 89 vs 76, 64: 80 vs 87, 96: 69 vs 100,
 # 256: 67 vs 140 (reports/bench/n0_kernels_avx2.json).
 INT4_LOOP_MAX_ROWS = 48
+# The same for bf16 activations, which take the 16-bit fixed-point loop (kernels.int4_matmul): it ran
+# 1.3x the fp32 loop and, against dequantizing, GFLOP/s loop vs dequantized at 64 rows 94 vs 39, 96:
+# 98 vs 50, 128: 96 vs 50, 256: 96 vs 79, 512: 101 vs 90 (2 Zen 3 cores, 8192 x 2048, alternating in
+# one run, in an hour when fp32 matmuls ran ~0.6x their best here; at their best, dequantizing
+# reached 100 at 96 rows in the sixth session).
+INT4_X16_LOOP_MAX_ROWS = 96
+
+
+def int4_loop_max_rows(dtype: torch.dtype) -> int:
+    return INT4_X16_LOOP_MAX_ROWS if dtype == torch.bfloat16 else INT4_LOOP_MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +72,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     the one place the engine (and the profiler, which prices it) chooses a matmul."""
     if isinstance(weight, FUSED_INT4_TYPES):  # 4-bit weights on the CPU: fused kernel where rows are few
         rows = x.numel() // max(1, x.shape[-1])
-        if isinstance(weight, GroupInt4Weight) and rows > INT4_LOOP_MAX_ROWS and kernels.available():
+        if isinstance(weight, GroupInt4Weight) and rows > int4_loop_max_rows(x.dtype) and kernels.available():
             # Speed: many rows (a prefill) are compute-bound, and the 4-bit loop tops out below
             # torch's fp32 matmul; dequantizing (compiled, ~0.2 ns per weight) costs less than it saves.
             y = _fp32_linear(x, weight.shape, weight.dequantize_rows_into).to(x.dtype)

@@ -71,7 +71,7 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
     "auto": always where bf16 is emulated (measured on 2 AVX2 cores, 8192 x 2048: the compiled loop
     on 4-bit weights runs 92 GFLOP/s at 16 rows against 80 for the dense bf16 loop, before that
-    loop's dequantization; beyond layers.INT4_LOOP_MAX_ROWS rows per call the same slots are
+    loop's dequantization; beyond layers.int4_loop_max_rows rows per call the same slots are
     dequantized per call to fp32, so "fused" is never the slower choice there), else
     while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
     fused rate too, but a block's decode steps outnumber it)."""
@@ -161,7 +161,7 @@ def widen_nbytes(spec: ModelSpec, rows: int, vocab_rows: int) -> int:
     and gate/up). Without a C compiler bf16 widens at every row count; not counted here."""
     h, e, f = spec.hidden, spec.embed_dim, spec.ffn
     mlp_in = 2 * f if spec.mlp == "silu_gated" else f
-    limit = min(layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS)
+    limit = min(layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS, layers.INT4_X16_LOOP_MAX_ROWS)
     calls = []
     if rows > limit:
         calls += [(rows, n, k) for n, k in ((spec.q_width + 2 * spec.kv_width, h), (h, spec.q_width),
