@@ -577,6 +577,31 @@ def test_int4_matmul_on_bf16_activations_is_within_its_fixed_point_bound(monkeyp
     assert torch.allclose(wq.matmul(x).float(), ref, rtol=2 ** -7, atol=1e-3)
 
 
+def test_stacked_int4_weights_equal_one_weight_of_their_rows():
+    """Weights stacked along out (q, k, v of unequal rows) multiply as the concatenation of their
+    dequantized rows: one call in bf16 and fp32, few and many rows (loop, and dequantized blocks that
+    straddle parts), with a bias; weights of other in-features do not stack."""
+    from flexgen_helm.engine import kernels, layers
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    torch.manual_seed(12)
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=1)
+    parts = [C.GroupInt4Weight.from_dense(torch.randn(r, 256), cfg, torch.float32) for r in (96, 40, 72)]
+    st = C.GroupInt4Weight.stacked(parts)
+    assert st.shape == (208, 256)
+    ref_w = torch.cat([C.dequantize(p.packed, p.meta, p.shape, cfg, torch.float32) for p in parts])
+    bias = torch.randn(208)
+    for dt in (torch.float32, torch.bfloat16):
+        for rows in (1, 3, layers.int4_loop_max_rows(dt) + 5):
+            x = torch.randn(rows, 256).to(dt)
+            want = x.float() @ ref_w.T + bias.to(dt).float()
+            got = layers.linear(x, st, bias.to(dt))
+            tol = 1e-4 if dt == torch.float32 else 2 ** -7
+            assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item()), (dt, rows)
+    other = C.GroupInt4Weight.from_dense(torch.randn(8, 384), cfg, torch.float32)
+    assert C.GroupInt4Weight.stacked([parts[0], other]) is None
+
+
 def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monkeypatch):
     """Where the CPU emulates bf16, layers.linear multiplies bf16 weights by the compiled loop (few
     rows) or widens them for torch's fp32 matmul (many rows): both equal the fp32 product of the

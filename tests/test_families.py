@@ -168,6 +168,40 @@ def test_4bit_weights_in_bf16_are_quantized_from_the_checkpoint_values(family_ck
     assert worst < 0.1, worst  # dense bf16 against HF fp32 here: <= 0.03
 
 
+@pytest.mark.parametrize("variant", ["qwen2", "llama"])
+def test_4bit_loop_weights_stacked_per_call_equal_the_quantized_reference(variant, tmp_path, monkeypatch):
+    """Widths the compiled 4-bit loop takes (K a multiple of 128), weights in memory: q, k and v of
+    unequal rows (GQA; qwen2 with biases) go through one call as a stacked weight, in bf16 (16-bit
+    fixed-point activations) and fp32 (the fp32 loop, part by part); both equal HF with
+    quantize-dequantize hooks (fp32: to fp32 noise, bf16: within bf16's)."""
+    from flexgen_helm.engine import compression as CC, kernels
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    d = build_tiny_family(str(tmp_path / variant), variant, seed=4, tokenizer=False, hidden_size=128,
+                          intermediate_size=256, head_dim=32)
+    parts_seen = []
+    real = kernels.int4_matmul
+    monkeypatch.setattr(kernels, "int4_matmul", lambda parts, *a: parts_seen.append(len(parts)) or real(parts, *a))
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True, int4_kernel="fused")
+    ref = hf_reference(d, PROMPTS, NEW, prepare=lambda hf: C.fake_quantize_model(hf, pol.comp_weight_config) and [])
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    C.fake_quantize_model(hf, pol.comp_weight_config)
+    worst = {}
+    for dtype, x16 in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 0)):
+        parts_seen.clear()
+        monkeypatch.setattr(kernels._library(), "fg_int4_x16", lambda x16=x16: x16)
+        with Engine.from_pretrained(d, policy=pol, device="cpu", dtype=dtype, offload_dir=str(tmp_path)) as eng:
+            assert any(s.kind == CC.GroupInt4Weight.kind for s in eng.weights.layouts[1].slots)
+            res = eng.generate(PROMPTS, max_new_tokens=NEW)
+        assert 3 in parts_seen and 1 in parts_seen, parts_seen
+        if dtype == torch.float32:
+            _assert_matches(res, ref)
+        else:  # these random models amplify bf16 rounding (dense bf16 vs HF fp32: up to 0.22 here)
+            gap, worst[x16] = hf_gaps(hf, PROMPTS, res)
+            assert gap < 0.1 and worst[x16] < 0.5, (x16, gap, worst[x16])
+    assert worst[1] <= worst[0] + 0.05, worst  # fixed-point activations: no worse than bf16 ones widened
+
+
 def test_bf16_cache_whose_block_is_not_whole_64_byte_lines(tmp_path):
     """A dense bf16 cache block of 3 rows x 3 KV heads x 24 dims x an odd capacity is not a multiple
     of 64 bytes; its allocation is rounded up and the block must view just its own bytes (crashed)."""

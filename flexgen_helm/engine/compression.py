@@ -461,6 +461,22 @@ class GroupInt4Weight:
         pb = packed_nbytes(self.shape, cfg)
         self.packed = buf[:pb]
         self.meta = buf[pb:pb + _META_BYTES * meta_numel(self.shape, cfg)].view(META_DTYPE)
+        self.parts = [(self.packed, self.meta, self.shape[0])]  # (codes, meta, rows) stacked along out
+
+    @classmethod
+    def stacked(cls, weights: list["GroupInt4Weight"]) -> "GroupInt4Weight | None":
+        """One weight over several with the same in-features and format (e.g. q, k and v), stacked
+        along out, each read where it lies: one kernel call instead of several. None if they differ."""
+        first = weights[0]
+        if not all(isinstance(w, GroupInt4Weight) and w.shape[1] == first.shape[1] and w.cfg == first.cfg
+                   and w.dtype == first.dtype for w in weights):
+            return None
+        out = cls.__new__(cls)
+        out.shape = (sum(w.shape[0] for w in weights), first.shape[1])
+        out.cfg, out.dtype = first.cfg, first.dtype
+        out.packed = out.meta = None  # see parts
+        out.parts = [p for w in weights for p in w.parts]
+        return out
 
     @staticmethod
     def ok(shape, cfg: CompressionConfig) -> bool:
@@ -482,18 +498,25 @@ class GroupInt4Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> x @ w.T (..., out) in x's dtype."""
         n, k = self.shape
-        y = kernels.int4_matmul(self.packed, self.meta, x, n, k, self.cfg.group_size)
+        y = kernels.int4_matmul(self.parts, x, k, self.cfg.group_size)
         if y is None:
-            y = x @ dequantize(self.packed, self.meta, self.shape, self.cfg, x.dtype).T
+            w = torch.empty(n, k, dtype=x.dtype)
+            y = x @ self.dequantize_rows_into(0, n, w).T
         return y
 
     def dequantize_rows_into(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
         """Output rows [a, b) of the weight dequantized into `out` ((b - a, in), fp32 or bf16): each
         row owns its own span of codes and scales (groups along in), so rows slice cleanly."""
-        n, k = self.shape
-        per_row = meta_numel(self.shape, self.cfg) // n
-        return dequantize(self.packed[a * k // 2:b * k // 2], self.meta[a * per_row:b * per_row],
-                          (b - a, k), self.cfg, out.dtype, out=out)
+        k, start = self.shape[1], 0
+        for packed, meta, rows in self.parts:
+            lo, hi = max(a, start), min(b, start + rows)
+            if lo < hi:
+                per_row = meta.numel() // rows
+                i, j = lo - start, hi - start
+                dequantize(packed[i * k // 2:j * k // 2], meta[i * per_row:j * per_row], (j - i, k), self.cfg,
+                           out.dtype, out=out[lo - a:hi - a])
+            start += rows
+        return out
 
 
 FUSED_INT4_KINDS = {cls.kind: cls for cls in (Int4Weight, GroupInt4Weight)}

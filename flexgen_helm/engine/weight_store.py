@@ -249,11 +249,14 @@ def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _fuse(w: dict[str, torch.Tensor], fused: str, roles: tuple[str, ...]) -> None:
-    """Add `fused.weight` (+ `.bias`) views over adjacent per-role tensors, for one matmul instead
-    of several; the per-role entries stay. Skipped unless weights (and biases, when present) fuse."""
+    """Add `fused.weight` (+ `.bias`) views over adjacent per-role tensors (4-bit loop weights: one
+    weight over the parts, wherever they lie), for one matmul instead of several; the per-role
+    entries stay. Skipped unless weights (and biases, when present) fuse."""
     if not all(f"{r}.weight" in w for r in roles):
         return
-    weight = _adjacent_view([w[f"{r}.weight"] for r in roles])
+    parts = [w[f"{r}.weight"] for r in roles]
+    weight = (compression.GroupInt4Weight.stacked(parts) if isinstance(parts[0], compression.GroupInt4Weight)
+              else _adjacent_view(parts))
     has_bias = [f"{r}.bias" in w for r in roles]
     if weight is None or (any(has_bias) and not all(has_bias)):
         return

@@ -116,7 +116,7 @@ def _library():
     lib.fg_int4_matmul.restype = c_int
     lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_int4_matmul_x16.restype = c_int
-    lib.fg_int4_matmul_x16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
+    lib.fg_int4_matmul_x16.argtypes = [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul.restype = c_int
     lib.fg_bf16_matmul.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.fg_openmp.restype = lib.fg_int4_x16.restype = c_int
@@ -261,30 +261,51 @@ def int4_matmul_ok(shape, group: int) -> bool:
     return k % 128 == 0 and group % 64 == 0 and k % group == 0
 
 
-def int4_matmul(packed, meta, x, n: int, k: int, group: int):
+def int4_matmul(parts, x, k: int, group: int):
     """x (..., K) @ w.T for a 4-bit asymmetric (N, K) weight in compression.py's format (groups of
-    `group` along K): the C loop reads the codes where they lie, never a dequantized copy. Returns
+    `group` along K), given as parts stacked along N: [(packed, meta, rows), ...] (one part, or e.g.
+    q, k and v). The C loop reads the codes where they lie, never a dequantized copy. Returns
     (..., N) in x's dtype (fp32 accumulation), or None when it cannot (the caller dequantizes)."""
     import torch
     lib = _library()
-    if lib is None or x.device.type != "cpu" or not int4_matmul_ok((n, k), group) or x.shape[-1] != k:
+    n = sum(r for _, _, r in parts)
+    if (lib is None or x.device.type != "cpu" or x.shape[-1] != k
+            or not all(int4_matmul_ok((r, k), group) for _, _, r in parts)):
         return None
     threads = max(1, torch.get_num_threads())
     if x.dtype == torch.bfloat16 and lib.fg_int4_x16():
-        # Speed: bf16 activations (8 significant bits) go through the 16-bit fixed-point loop, 1.1-1.4x
-        # the fp32 one at 1-8 rows on AVX2 (integer multiply-adds on the codes, no convert per weight);
-        # it reads bf16 and writes bf16 itself (two torch conversions cost ~20 us per call).
-        fn, x2 = lib.fg_int4_matmul_x16, x.reshape(-1, k).contiguous()
-        y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    else:  # fp32 activations keep their 24 bits in the fp32 loop; bf16 ones are widened once
-        fn, x2 = lib.fg_int4_matmul, x.reshape(-1, k).to(torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    m = x2.shape[0]
+        # Speed: bf16 activations (8 significant bits) go through the 16-bit fixed-point loop, 1.3x
+        # the fp32 one at 1-32 rows on AVX2 (integer multiply-adds on the codes, no convert per
+        # weight); it reads bf16 and writes bf16 itself (two torch conversions cost ~20 us per call),
+        # and takes all parts in one call (one activation prep, one thread split).
+        x2 = x.reshape(-1, k).contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        np_ = len(parts)
+        ptrs = ((ctypes.c_void_p * np_)(*[p.data_ptr() for p, _, _ in parts]),
+                (ctypes.c_void_p * np_)(*[q.data_ptr() for _, q, _ in parts]),
+                (ctypes.c_int64 * np_)(*[r for _, _, r in parts]))
+
+        def call(b: int, e: int, t: int) -> int:
+            return lib.fg_int4_matmul_x16(*ptrs, np_, x2.data_ptr(), y.data_ptr(), m, k, n, group, b, e, t)
+    else:  # fp32 activations keep their 24 bits in the fp32 loop (bf16 ones are widened once), per part
+        x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        starts = [sum(r for _, _, r in parts[:i]) for i in range(len(parts))]
+
+        def call(b: int, e: int, t: int) -> int:  # output columns [b, e), each part's share of them
+            rc = 0
+            for (pk, mt, r), s0 in zip(parts, starts):
+                lo, hi = max(b, s0), min(e, s0 + r)
+                if lo < hi:
+                    rc |= lib.fg_int4_matmul(pk.data_ptr(), mt.data_ptr(), x2.data_ptr(), y.data_ptr() + 4 * s0,
+                                             m, k, n, group, lo - s0, hi - s0, t)
+            return rc
     if lib.fg_openmp():  # split inside, on torch's OpenMP pool
-        ok = fn(packed.data_ptr(), meta.data_ptr(), x2.data_ptr(), y.data_ptr(), m, k, n, group, 0, n, threads) == 0
+        ok = call(0, n, threads) == 0
     else:
-        ok = _split(lambda b, e: fn(packed.data_ptr(), meta.data_ptr(), x2.data_ptr(), y.data_ptr(), m, k, n, group,
-                                    b, e, 1), n, 16, work=m * n * k)
+        ok = _split(lambda b, e: call(b, e, 1), n, 16, work=m * n * k)
     if not ok:
         return None
     return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -1077,8 +1077,12 @@ int fg_int4_x16(void) {  /* 1 when this build has fg_int4_matmul_x16's loop */
 }
 
 /* 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
-int fg_int4_matmul_x16(const uint8_t *packed, const uint16_t *meta, const uint16_t *x, uint16_t *y, int64_t M,
-                       int64_t K, int64_t ldy, int64_t group, int64_t n_begin, int64_t n_end, int threads) {
+/* Weights given in `parts` pieces stacked along N (part p: its own packed codes and meta, rows[p] rows),
+ * e.g. q, k and v: one call, one activation prep and one thread split for all of them.
+ * 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
+int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta, const int64_t *rows, int parts,
+                       const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy, int64_t group,
+                       int64_t n_begin, int64_t n_end, int threads) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (K % 128 || group % 64 || K % group || M < 1) return -1;
     const int64_t G = K / group, per = group / 64, C2 = K / 32;
@@ -1108,10 +1112,13 @@ int fg_int4_matmul_x16(const uint8_t *packed, const uint16_t *meta, const uint16
                 const int64_t mr = M - m < 2 ? M - m : 2;
                 const int16_t *xm = xq + m * K;
                 const float *cm = xc + m * C2;
+                int p = 0;
+                int64_t base = 0;  /* first row of part p */
                 for (int64_t n = nb0; n < nb1; n++) {
-                    const uint8_t *prow = packed + n * (K / 2);
+                    while (p < parts - 1 && n >= base + rows[p]) base += rows[p++];
+                    const uint8_t *prow = packed[p] + (n - base) * (K / 2);
                     float out[2], lo[2];
-                    meta_row(meta + n * G * 2, G, per, mrow);
+                    meta_row(meta[p] + (n - base) * G * 2, G, per, mrow);
                     if (mr == 1) {  /* constant tile heights: the accumulators stay in registers */
                         chunk_factors(mrow, cm, C2 / 2, 1, pr, lo);
                         int4_x16_tile(prow, pr, lo, xm, K, 1, out);
@@ -1129,8 +1136,8 @@ int fg_int4_matmul_x16(const uint8_t *packed, const uint16_t *meta, const uint16
     free(xc);
     return failed ? -1 : 0;
 #else
-    (void)packed; (void)meta; (void)x; (void)y; (void)M; (void)K; (void)ldy; (void)group; (void)n_begin;
-    (void)n_end; (void)threads;
+    (void)packed; (void)meta; (void)rows; (void)parts; (void)x; (void)y; (void)M; (void)K; (void)ldy; (void)group;
+    (void)n_begin; (void)n_end; (void)threads;
     return 1;
 #endif
 }
