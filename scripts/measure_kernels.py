@@ -140,7 +140,7 @@ def main() -> None:
                 return own4[it[0] % 3].matmul(x)
             row["int4_compiled_fp32_gflops"] = flops / _median_s(mm4c, args.reps) / 1e9
 
-            def mm4cb(x=xb, it=it):  # bf16 activations, widened once: the bf16 engine's choice on AVX2
+            def mm4cb(x=xb, it=it):  # bf16 activations: the 16-bit fixed-point loop (the bf16 engine on AVX2)
                 it[0] += 1
                 return own4[it[0] % 3].matmul(x)
             row["int4_compiled_bf16_gflops"] = flops / _median_s(mm4cb, args.reps) / 1e9
