@@ -48,8 +48,10 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 # torch's fp32 matmul, where bf16 is emulated. Measured on 2 Zen 3 cores (AVX2), 8192 x 2048 weights
 # cycled from memory, GFLOP/s loop vs widened: 16 rows 81 vs 35, 32: 81 vs 61, 48: 79 vs 76,
 # 64: 74 vs 86, 128: 67 vs 107, 1024: 65 vs 160 (torch's bf16: 22 at every row count). Fixed, not
-# probed per process, so a run's results do not depend on timing noise.
-BF16_LOOP_MAX_ROWS = 48
+# probed per process, so a run's results do not depend on timing noise. With weight rows in L2
+# blocks (tenth session, alternating in one run): 48 rows 112 vs 62, 64: 111 vs 73, 96: 111 vs 85,
+# 128: 112 vs 97, 256: 112 vs 122; the sixth session's faster hour widened to 107 at 128 rows.
+BF16_LOOP_MAX_ROWS = 96
 # Rows up to which the compiled 4-bit loop (GroupInt4Weight) beats dequantizing the weight to fp32
 # (compiled, ~0.15 ns per value, into the reused buffer) for torch's fp32 matmul. Same box and
 # weights, GFLOP/s loop vs dequantized: 16 rows 93 vs 36, 48: 89 vs 76, 64: 80 vs 87, 96: 69 vs 100,
@@ -58,9 +60,9 @@ INT4_LOOP_MAX_ROWS = 48
 # The same for bf16 activations, which take the 16-bit fixed-point loop (kernels.int4_matmul): it ran
 # 1.3x the fp32 loop and, against dequantizing, GFLOP/s loop vs dequantized at 64 rows 94 vs 39, 96:
 # 98 vs 50, 128: 96 vs 50, 256: 96 vs 79, 512: 101 vs 90 (2 Zen 3 cores, 8192 x 2048, alternating in
-# one run, in an hour when fp32 matmuls ran ~0.6x their best here; at their best, dequantizing
-# reached 100 at 96 rows in the sixth session).
-INT4_X16_LOOP_MAX_ROWS = 96
+# one run, in an hour when fp32 matmuls ran ~0.6x their best here); in a fast hour 64: 146 vs 70,
+# 128: 148 vs 98, 256: 149 vs 122 (1.22x at 256 rows in both).
+INT4_X16_LOOP_MAX_ROWS = 256
 
 
 def int4_loop_max_rows(dtype: torch.dtype) -> int:
