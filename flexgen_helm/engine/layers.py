@@ -55,8 +55,10 @@ BF16_LOOP_MAX_ROWS = 96
 # Rows up to which the compiled 4-bit loop (GroupInt4Weight) beats dequantizing the weight to fp32
 # (compiled, ~0.15 ns per value, into the reused buffer) for torch's fp32 matmul. Same box and
 # weights, GFLOP/s loop vs dequantized: 16 rows 93 vs 36, 48: 89 vs 76, 64: 80 vs 87, 96: 69 vs 100,
-# 256: 67 vs 140 (reports/bench/n0_kernels_avx2.json).
-INT4_LOOP_MAX_ROWS = 48
+# 256: 67 vs 140 (reports/bench/n0_kernels_avx2.json). With weight rows in L2 blocks (tenth session,
+# fast hour, alternating): 48 rows 126 vs 74, 64: 126 vs 85, 96: 124 vs 104, 128: 124 vs 117, 192:
+# 123 vs 131.
+INT4_LOOP_MAX_ROWS = 96
 # The same for bf16 activations, which take the 16-bit fixed-point loop (kernels.int4_matmul): it ran
 # 1.3x the fp32 loop and, against dequantizing, GFLOP/s loop vs dequantized at 64 rows 94 vs 39, 96:
 # 98 vs 50, 128: 96 vs 50, 256: 96 vs 79, 512: 101 vs 90 (2 Zen 3 cores, 8192 x 2048, alternating in

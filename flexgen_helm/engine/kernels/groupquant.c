@@ -916,7 +916,10 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
     const int64_t G = K / group, per = group / 64;
     int failed = 0;
     /* Speed: OpenMP, so the work runs on torch's own thread pool (the process has one libgomp:
-     * torch's) instead of Python threads that would contend with its idle-spinning workers. */
+     * torch's) instead of Python threads that would contend with its idle-spinning workers. Weight
+     * rows in blocks of NB (codes in L2) reused by every tile of 4 activation rows, as in the loops
+     * below. */
+    const int64_t NB = 32, nblocks = (n_end - n_begin + NB - 1) / NB;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
 #endif
@@ -926,20 +929,23 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t n = n_begin; n < n_end; n++) {
+        for (int64_t b = 0; b < nblocks; b++) {
             if (!mrow) continue;
-            const uint8_t *prow = packed + n * (K / 2);
-            meta_row(meta + n * G * 2, G, per, mrow);
-            for (int64_t m = 0; m < M; m += 4) {  /* the row's codes stay in L1 across row tiles */
-                float out[4];
+            const int64_t nb0 = n_begin + b * NB, nb1 = nb0 + NB < n_end ? nb0 + NB : n_end;
+            for (int64_t m = 0; m < M; m += 4) {
                 const int64_t mr = M - m < 4 ? M - m : 4;
-                switch (mr) {  /* constant tile heights: the accumulators stay in registers */
-                    case 1: int4_row_tile(prow, mrow, x + m * K, K, 1, out); break;
-                    case 2: int4_row_tile(prow, mrow, x + m * K, K, 2, out); break;
-                    case 3: int4_row_tile(prow, mrow, x + m * K, K, 3, out); break;
-                    default: int4_row_tile(prow, mrow, x + m * K, K, 4, out); break;
+                for (int64_t n = nb0; n < nb1; n++) {
+                    const uint8_t *prow = packed + n * (K / 2);
+                    float out[4];
+                    meta_row(meta + n * G * 2, G, per, mrow);
+                    switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+                        case 1: int4_row_tile(prow, mrow, x + m * K, K, 1, out); break;
+                        case 2: int4_row_tile(prow, mrow, x + m * K, K, 2, out); break;
+                        case 3: int4_row_tile(prow, mrow, x + m * K, K, 3, out); break;
+                        default: int4_row_tile(prow, mrow, x + m * K, K, 4, out); break;
+                    }
+                    for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
                 }
-                for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
             }
         }
         free(mrow);
