@@ -414,8 +414,9 @@ def test_cpu_default_dtype_follows_hardware_bf16(monkeypatch):
 
 def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkeypatch):
     """torch's fused CPU kernel runs a scalar path on fp32 activations: fp32 layouts keep 4-bit
-    weights in the compressed format for the compiled loop ("int4") where a decode matmul has up to
-    32 rows, dequantize where it has more, and always without a C compiler."""
+    weights in the compressed format for the compiled loop ("int4") at every row count (beyond the
+    loop's rows it dequantizes per call, the work a dequantize-at-load layout does), dequantize at
+    load when the policy says so, and always without a C compiler."""
     import dataclasses
 
     from flexgen_helm.engine import kernels
@@ -427,8 +428,11 @@ def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkey
     if kernels.available():
         assert kinds(4) == {"int4", "dense"}
     assert "int4" in kinds(4, dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=2)) or not kernels.available()
-    many = dataclasses.replace(pol, gpu_batch_size=16, num_gpu_batches=4)   # 64 rows per decode matmul
-    assert "int4" not in kinds(4, many) and "compressed" in kinds(4, many)
+    many = dataclasses.replace(pol, gpu_batch_size=64, num_gpu_batches=4)   # 256 rows per decode matmul
+    if kernels.available():
+        assert kinds(4, many) == {"int4", "dense"}
+    forced = dataclasses.replace(many, int4_kernel="dequantize")
+    assert "int4" not in kinds(4, forced) and "compressed" in kinds(4, forced)
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert "int4" not in kinds(4) and "int4pack" not in kinds(4) and "compressed" in kinds(4)
 

@@ -105,8 +105,8 @@ class Policy:
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))
     # 4-bit weights on a CPU compute device: "fused" multiplies them without a dequantized copy
     # (bf16: torch's fused 4-bit kernel; fp32: the compiled loop, kernels.int4_matmul), "dequantize"
-    # expands them at load for dense matmuls, "auto" picks by rows per decode matmul
-    # (placement.uses_fused_int4)
+    # expands them at load for dense matmuls, "auto": the compiled loop always, torch's kernel by
+    # rows per decode matmul (placement.uses_fused_int4)
     int4_kernel: str = "auto"
 
     def __post_init__(self) -> None:

@@ -51,17 +51,13 @@ def _round_to(x: float, a: int) -> int:
     return int(round(x / a)) * a
 
 
-# Rows per decode matmul up to which the fused 4-bit kernel beats dequantize + dense bf16 on a CPU
-# with hardware bf16 (AMX / AVX512-BF16). Measured on a 2-core Xeon with AMX (README, kernel
+# Rows per decode matmul up to which torch's fused 4-bit kernel beats dequantize + dense bf16 on a
+# CPU with hardware bf16 (AMX / AVX512-BF16). Measured on a 2-core Xeon with AMX (README, kernel
 # figures): the fused kernel is 2.5x / 1.8x / 1.0x the dense rate at 1 / 4 / 8 rows and 0.5x at 16,
 # but dequantizing every weight each step (0.2-0.5 ns per value, in the engine's I/O threads on the
 # same cores) costs more than that half at 16 rows (opt-1.3b in memory, batch 16: fused ~0.22 s per
 # decode step, dequantize + dense 0.64 s); from 32 rows dense wins, at 256 rows ~5x.
-# fp32 (the compiled 4-bit multiply against dequantize + dense fp32), measured on a 2-core AVX2
-# EPYC, opt-1.3b in memory: decode 16.9 vs 5.1 tok/s at 16 rows and 18.3 vs 9.0 at 32; the kernel
-# figures (~55 GFLOP/s flat vs dense fp32 82 at 64 rows plus 0.26 ns per weight dequantized) put
-# the crossover near 50 rows.
-FUSED_INT4_MAX_ROWS = {2: 16, 4: 32}  # by compute dtype bytes
+FUSED_INT4_MAX_ROWS_NATIVE_BF16 = 16
 
 
 def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
@@ -69,12 +65,14 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     Only on a CPU compute tier, by compression.fused_int4's kernel: torch's fused kernel (bf16 where
     the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
     torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
-    "auto": always where bf16 is emulated (measured on 2 AVX2 cores, 8192 x 2048: the compiled loop
-    on 4-bit weights runs 92 GFLOP/s at 16 rows against 80 for the dense bf16 loop, before that
-    loop's dequantization; beyond layers.int4_loop_max_rows rows per call the same slots are
-    dequantized per call to fp32, so "fused" is never the slower choice there), else
-    while a decode matmul has at most FUSED_INT4_MAX_ROWS[dtype] rows (the prefill's many rows pay the
-    fused rate too, but a block's decode steps outnumber it)."""
+    "auto": always for the compiled loop (fp32, and bf16 where it is emulated): it runs up to
+    layers.int4_loop_max_rows rows per call and beyond that dequantizes the same slots per call to
+    fp32, the work "dequantize" would do at load, so it is never the slower choice. Measured on 2
+    AVX2 cores, opt-1.3b fp32 in memory, prompt 16, gen 16: batch 64 15.3-15.5 vs 10.3-12.0 tok/s
+    (decode 26.5 vs 14.2-17.8), batch 128 14.5 vs 13.6; bf16 on that box: the loop runs 150 GFLOP/s
+    at 16-256 rows. With torch's kernel (native bf16): while a decode matmul has at most
+    FUSED_INT4_MAX_ROWS_NATIVE_BF16 rows (the prefill's many rows pay the fused rate too, but a
+    block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):
         return False
     if dtype_bytes == 4:
@@ -84,10 +82,10 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
     if policy.int4_kernel != "auto":
         return policy.int4_kernel == "fused"
     from .config import cpu_has_fast_bf16
-    if dtype_bytes == 2 and not cpu_has_fast_bf16():
+    if dtype_bytes == 4 or not cpu_has_fast_bf16():
         return True
     rows = policy.gpu_batch_size * (policy.num_gpu_batches if policy.block_matmul else 1)
-    return rows <= FUSED_INT4_MAX_ROWS[dtype_bytes]
+    return rows <= FUSED_INT4_MAX_ROWS_NATIVE_BF16
 
 
 def layer_layout(spec: ModelSpec, j: int, dtype_bytes: int, policy: Policy, cpu_compute: bool = False) -> LayerLayout:
