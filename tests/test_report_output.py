@@ -109,6 +109,36 @@ def test_comparison_and_paper_tables(report):
     assert math.isnan(paper.loc["TOTAL", "ours_min"])
 
 
+def test_accuracy_plot_shows_each_delta_with_its_interval(report, tmp_path, monkeypatch):
+    """The delta panel: one bar per compared sub-scenario at its row, width = delta, error bar = the
+    paired bootstrap interval; a sub-scenario without paired instances is said so, not drawn as 0."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    from flexgen_helm.report import plots
+    _, rep = report
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    plots.accuracy_plot(rep.summary, tmp_path / "a.png", rep.comparisons)
+    scores, deltas = figs[0].axes[:2]
+    subs = list(dict.fromkeys(rep.summary["sub_scenario"]))
+    bars = [p for p in deltas.patches if isinstance(p, Rectangle) and p.get_height() > 0]
+    shared = rep.comparisons[rep.comparisons["delta"].notna()]
+    assert len(bars) == len(shared) >= 1
+    for bar, (_, r) in zip(bars, shared.iterrows()):
+        assert bar.get_width() == pytest.approx(r.delta)
+        row = bar.get_y() + bar.get_height() / 2
+        assert subs.index(r.sub_scenario) < row < subs.index(r.sub_scenario) + 0.5   # its row, second suite's slot
+    spans = [seg for c in deltas.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    ends = {(round(min(x for x, _ in seg), 9), round(max(x for x, _ in seg), 9)) for seg in spans}
+    for _, r in shared.iterrows():
+        assert (round(r.ci_low, 9), round(r.ci_high, 9)) in ends
+    texts = [t.get_text() for t in deltas.texts]
+    assert sum("no paired instances" in t for t in texts) == rep.comparisons["delta"].isna().sum() >= 1
+    plots.accuracy_plot(rep.summary, tmp_path / "b.png")
+    assert len(figs[1].axes) == 1   # no comparison: the score panel alone
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))

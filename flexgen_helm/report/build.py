@@ -45,7 +45,7 @@ def build_report(output_path: str | Path, suite: str, compare: list[str] | None,
     if comparisons is not None:
         comparisons.to_csv(out / "compare.csv", index=False)
         files.append(out / "compare.csv")
-    images = [("Accuracy per sub-scenario", plots.accuracy_plot(summary, out / "accuracy.png")),
+    images = [("Accuracy per sub-scenario", plots.accuracy_plot(summary, out / "accuracy.png", comparisons)),
               ("Throughput per sub-scenario", plots.throughput_plot(summary, out / "throughput.png")),
               ("Time breakdown", plots.time_breakdown_plot(summary, out / "time_breakdown.png")),
               ("Paper's 21-hour table vs ours", plots.paper_plot(paper, out / "paper_times.png"))]

@@ -95,7 +95,9 @@ def _pivot(summary: pd.DataFrame, col: str) -> tuple[list[str], dict[str, list[f
     return subs, values, reasons
 
 
-def accuracy_plot(summary: pd.DataFrame, path: Path) -> Path:
+def accuracy_plot(summary: pd.DataFrame, path: Path, comparisons: pd.DataFrame | None = None) -> Path:
+    """Scores per sub-scenario and suite (± one standard error); with comparisons, a second panel of
+    each compared suite's delta against the base suite with its paired bootstrap 95% interval."""
     subs, scores, why = _pivot(summary, "score")
     _, errs, _ = _pivot(summary, "stderr")
     metric = {}
@@ -103,14 +105,49 @@ def accuracy_plot(summary: pd.DataFrame, path: Path) -> Path:
         if isinstance(m, str):
             metric.setdefault(sub, m)
     labels = [f"{s}\n[{metric.get(s, '?')}]" for s in subs]
-    fig, (ax,) = _figure(len(subs) * max(1, len(scores)))
+    deltas = comparisons is not None and not comparisons.empty
+    fig, axes = _figure(len(subs) * max(1, len(scores)), n_cols=2 if deltas else 1, width=13 if deltas else 9)
+    ax = axes[0]
     _grouped_barh(ax, labels, scores, errs, "main metric (error bar: ±1 standard error over instances)",
                   show_values=True, gap_labels=why)
     top = [v + (0 if math.isnan(e) else e) for s in scores for v, e in zip(scores[s], errs[s]) if not math.isnan(v)]
     if top and min(top) >= 0:  # accuracy-type metrics: show the whole 0..1 range so small bars read as small
         ax.set_xlim(0, max(1.0, max(top)) * 1.02)
     ax.set_title("Accuracy per sub-scenario")
+    if deltas:
+        _delta_panel(axes[1], subs, comparisons)
     return _save(fig, path)
+
+
+def _delta_panel(ax, subs: list[str], comparisons: pd.DataFrame) -> None:
+    """One bar per compared suite and sub-scenario: other − base, with the 95% interval as its error bar."""
+    others = list(dict.fromkeys(comparisons["other"]))
+    height = 0.8 / (len(others) + 1)  # the score panel's bar height: the base suite plus the others
+    y = np.arange(len(subs))
+    for k, other in enumerate(others):
+        rows = comparisons[comparisons["other"] == other].set_index("sub_scenario")
+        pos = y - 0.4 + height * (k + 1.5)  # the score panel's row of the same suite (the base is k = 0)
+        for p, sub in zip(pos, subs):
+            r = rows.loc[sub] if sub in rows.index else None
+            d = math.nan if r is None else float(r["delta"])
+            if math.isnan(d):
+                ax.text(0, p, "  no paired instances", va="center", fontsize=7, color="#aa0000")
+                continue
+            lo, hi = float(r["ci_low"]), float(r["ci_high"])
+            ax.barh(p, d, height, color=COLORS[(k + 1) % len(COLORS)])
+            ax.errorbar(d, p, xerr=[[d - lo], [hi - d]], fmt="none", ecolor="black", elinewidth=1, capsize=3)
+            ax.text(max(hi, 0.0), p, f" {d:+.3f} [{lo:+.3f}, {hi:+.3f}]", va="center", fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [""] * len(subs))
+    ax.set_ylim(len(subs) - 0.5, -0.5)
+    reach = float(np.nanmax(np.abs(comparisons[["ci_low", "ci_high", "delta"]].to_numpy(dtype=float)), initial=0.0))
+    reach = max(reach, 0.05)
+    ax.set_xlim(-1.2 * reach, 2.6 * reach)  # room on the right for the interval's label
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.grid(axis="x", alpha=0.3)
+    base = str(comparisons["base"].iloc[0])
+    ax.set_xlabel(f"other − {base} (error bar: paired bootstrap 95% interval)")
+    ax.set_title("Change against " + base)
 
 
 def throughput_plot(summary: pd.DataFrame, path: Path) -> Path:
