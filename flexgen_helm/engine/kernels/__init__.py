@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -292,7 +293,7 @@ def int4_matmul(parts, x, k: int, group: int):
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
         m = x2.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
-        starts = [sum(r for _, _, r in parts[:i]) for i in range(len(parts))]
+        starts = [0, *itertools.accumulate(r for _, _, r in parts)][:-1]  # each part's first output column
 
         def call(b: int, e: int, t: int) -> int:  # output columns [b, e), each part's share of them
             rc = 0
