@@ -362,6 +362,41 @@ def test_weights_used_where_they_lie_are_staged_once(tiny_opt, ref, tmp_path, mo
         assert len(loads) > eng.spec.num_layers + 2  # dequantized per step: not static
 
 
+def test_host_weights_are_copied_by_the_thread_that_computes_where_it_has_every_core(
+        tiny_opt, ref, tmp_path, monkeypatch):
+    """A CPU compute device whose torch threads take every core: a streamed layer with nothing on
+    disk is copied by the computing thread when it asks for it (an I/O-thread copy would run its own
+    OpenMP team on the same cores), a layer with a disk part still loads in the pool; with a core to
+    spare every load goes to the pool. Same tokens either way, and a failing load surfaces."""
+    import threading
+
+    from flexgen_helm.engine import weight_store
+    main, seen = threading.get_ident(), []
+    orig = weight_store.WeightStore._load
+
+    def spy(self, j, slot):
+        seen.append((threading.get_ident() == main, self.segments[j][2] > 0))
+        return orig(self, j, slot)
+    monkeypatch.setattr(weight_store.WeightStore, "_load", spy)
+    for all_cores in (True, False):
+        monkeypatch.setattr(weight_store, "copies_share_compute_cores", lambda dev, v=all_cores: v)
+        for name in ("all-host", "mixed-30-40-30"):
+            seen.clear()
+            with _engine(tiny_opt, POLICIES[name], tmp_path) as eng:
+                assert eng.generate(PROMPTS, max_new_tokens=NEW).sequences == ref[0], (name, all_cores)
+            assert len(seen) >= NEW * (eng.spec.num_layers + 2)  # streamed: every layer, every step
+            assert all(on_main == (all_cores and not on_disk) for on_main, on_disk in seen), (name, all_cores)
+            assert any(on_disk for _, on_disk in seen) == (name != "all-host")
+
+    def broken(self, j, slot):
+        raise OSError(f"layer {j} unreadable")
+    monkeypatch.setattr(weight_store, "copies_share_compute_cores", lambda dev: True)
+    monkeypatch.setattr(weight_store.WeightStore, "_load", broken)
+    with _engine(tiny_opt, POLICIES["all-host"], tmp_path) as eng:
+        with pytest.raises(OSError, match="unreadable"):
+            eng.generate(PROMPTS, max_new_tokens=NEW)
+
+
 def test_block_wide_decode_matmuls_equal_per_micro_batch(tiny_opt, ref, tmp_path):
     """Decode runs projections and MLP once over all micro-batches' rows; results are the same."""
     for block in (True, False):

@@ -153,3 +153,47 @@ def test_every_command_reads_dtype_names_one_way():
     from flexgen_helm.policy import validate
     with pytest.raises(SystemExit):  # argparse's error exit, before anything is measured
         validate.main(["--dtype", "fp8"])
+
+
+def test_timings_are_the_median_call_not_the_fastest(monkeypatch):
+    """An engine run is a long sum of calls: the profile prices a call by its median sample (the
+    20th percentile it used before left every prediction optimistic on a jittery VM)."""
+    samples = iter([0.0, 5.0, 1.0, 9.0, 2.0, 7.0, 3.0])  # seconds per call after the warm-up call
+    clock = [0.0]
+    current = [0.0]
+
+    def fn():
+        current[0] = next(samples)
+
+    def perf_counter():  # each call's sample elapses between the two clock reads around it
+        clock[0] += current[0]
+        current[0] = 0.0
+        return clock[0]
+    monkeypatch.setattr(profiler.time, "perf_counter", perf_counter)
+    assert profiler._timeit(fn, lambda: None, min_time=0.0, min_reps=6, max_reps=6) == 5.0  # 1 2 3 5 7 9
+
+
+def test_curves_bracket_the_engines_kernel_switches():
+    """The layer and head curves have points on both sides of every row count where the engine's
+    linear() changes kernel, close enough that interpolation does not cross a switch blindly."""
+    from flexgen_helm.engine import layers
+    for switch in (layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS):
+        below = max(r for r in profiler.CURVE_ROWS if r <= switch)
+        above = min(r for r in profiler.CURVE_ROWS if r > switch)
+        assert below == switch and above <= 1.5 * switch, switch
+
+
+def test_cpu_copies_are_priced_between_compute_calls_where_they_share_its_cores(tmp_path, monkeypatch):
+    """Where the engine copies weights on the compute's own cores (between compute calls), the
+    profile's copy rates are the ones measured there, and an I/O refresh keeps them; with a core to
+    spare, the plain copy rates stand (the copies then overlap compute in an I/O thread)."""
+    from flexgen_helm.engine import tiers
+    monkeypatch.setattr(profiler, "_copy_between_compute", lambda work, nbytes, per: 1.25e9)
+    for shares in (True, False):
+        monkeypatch.setattr(tiers, "copies_share_compute_cores", lambda dev, v=shares: v)
+        p = measure_profile("cpu", "float32", offload_dir=str(tmp_path), budget_s=0.2, disk_mb=8, hidden=128,
+                            widths=(), quick=True)
+        assert p.copy_overlaps_compute is not shares
+        assert (p.h2d_bw == p.d2h_bw == p.dev_copy_bw == 1.25e9) is shares
+        q = profiler.refresh_io(p, str(tmp_path), seconds=0.1)
+        assert (q.h2d_bw == 1.25e9) is shares and q.disk_read_bw > 0

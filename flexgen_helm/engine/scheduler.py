@@ -301,7 +301,8 @@ class BlockRun:
                                                       self._where(blk))
 
     def close(self) -> None:
-        if self.pending_layer is not None and not self.pending_layer.done():
+        # a load not yet started is dropped (one run by the caller never is); a running one finishes
+        if self.pending_layer is not None and not self.pending_layer.cancel():
             self.pending_layer.result()
         self.pending_layer = None
         for row in self.caches:

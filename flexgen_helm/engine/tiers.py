@@ -29,6 +29,12 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def copies_share_compute_cores(device: torch.device) -> bool:
+    """True when a copy made beside the compute would run on the compute's own cores: a CPU
+    compute device whose torch threads take every core (CUDA copies run on DMA engines)."""
+    return device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
+
+
 class BudgetExceeded(ConfigError):
     pass
 

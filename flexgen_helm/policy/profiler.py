@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from ..engine.model_spec import ModelSpec
 
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-SCHEMA = 3  # 3: compute/disk contention shares (older cached profiles are measured again)
+SCHEMA = 4  # 3: compute/disk contention shares; 4: median timings, per-micro-batch schedule cost
+# (older cached profiles are measured again)
 OPT_VOCAB = 50272
 CurveKey = Union[int, str]  # see layer_key / head_key
 Curves = dict[CurveKey, list[tuple[int, float]]]
@@ -337,8 +338,12 @@ def _measure_curves(dev, tdtype, sync, per: float, layer_specs: tuple["ModelSpec
 
 def _timeit(fn: Callable[[], object], sync: Callable[[], None], min_time: float, min_reps: int = 2,
             max_reps: int = 1000) -> float:
-    """Seconds per call of fn after one warm-up call: the 20th percentile of the samples, i.e. the
-    speed when neighbours leave the machine alone (runs are compared by their best, too)."""
+    """Seconds per call of fn after one warm-up call: the median of the samples. An engine run is a
+    long sum of calls, so it lasts about as long as its typical call, not its fastest ones: on 2
+    Zen 3 vCPUs the 20th percentile (used before) was 7% below the median for a decoder layer and up
+    to 27% below it for an LM head, and the policy search over-predicted every policy it was
+    checked on (validate run 9). Minute-long slowdowns of a neighbour are left out by the callers
+    (best of several sweeps), as validate leaves them out of runs (best of several rounds)."""
     fn()
     sync()
     times: list[float] = []
@@ -349,7 +354,7 @@ def _timeit(fn: Callable[[], object], sync: Callable[[], None], min_time: float,
         sync()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 5]
+    return times[len(times) // 2]
 
 
 def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: str | None = None,
@@ -367,6 +372,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
 
     from ..engine import compression, layers
     from ..engine.config import CompressionConfig
+    from ..engine.tiers import copies_share_compute_cores
 
     log = log or (lambda s: None)
     dev = torch.device(device)
@@ -433,6 +439,9 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     share_c, share_d = measure_contention(mlp32, offload_dir, disk_mb << 20, per / 2)
     log(f"beside a disk stream compute keeps {share_c:.0%} of its rate; beside compute the disk keeps "
         f"{share_d:.0%} of its read rate")
+    if copies_share_compute_cores(dev):  # the engine copies between compute calls: price them there
+        h2d = d2h = dcopy = _copy_between_compute(mlp32, (8 if quick else 32) << 20, per)
+        log(f"copy between compute calls {h2d / 1e9:.2f} GB/s")
     del pairs
     log("matmul " + ", ".join(f"{r}:{f / 1e9:.0f}" for r, f in curve) + " GFLOP/s (rows:rate)")
 
@@ -496,7 +505,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
 
     # -- fixed cost per layer call: a decoder layer of width 64 on one token is all dispatch
     overhead = _layer_overhead(dev, tdtype, sync, per / 2)
-    sched, disk_block = _engine_overheads(dev, tdtype, offload_dir, overhead, quick)
+    sched, disk_block = _engine_overheads(dev, tdtype, offload_dir, attn_dec_ov, quick)
     log(f"layer-call overhead {overhead * 1e6:.0f} us; engine schedule +{sched * 1e6:.0f} us per layer and "
         f"micro-batch, +{disk_block * 1e6:.0f} us per disk KV block and step")
     if not quick:
@@ -518,7 +527,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
         layer_overhead_s=overhead, sched_overhead_s=sched, disk_block_s=disk_block,
         # CUDA copies run on DMA engines; on a CPU compute device the I/O threads' copies overlap
         # compute only when torch leaves a core free for them
-        copy_overlaps_compute=on_cuda or torch.get_num_threads() < (os.cpu_count() or 1),
+        copy_overlaps_compute=not copies_share_compute_cores(dev),
         host_cores=0 if on_cuda else (os.cpu_count() or 1),
         source="measured", meta=meta)
 
@@ -565,6 +574,8 @@ def refresh_io(hw: HardwareProfile, offload_dir: str | None = None, seconds: flo
     import torch
     dev = torch.device("cuda" if hw.device == "cuda" else "cpu")
     h2d, d2h, dcopy, disk = measure_io(dev, offload_dir, 256, seconds / 6, log or (lambda s: None))
+    if hw.device == "cpu" and not hw.copy_overlaps_compute:  # priced between compute calls: keep them
+        h2d, d2h, dcopy = hw.h2d_bw, hw.d2h_bw, hw.dev_copy_bw
     return dataclasses.replace(hw, h2d_bw=h2d, d2h_bw=d2h, dev_copy_bw=dcopy, **disk)
 
 
@@ -642,6 +653,12 @@ def _best_of_passes(points: tuple[int, ...], measure: Callable[[int], float], pa
     return sorted(best.items())
 
 
+# Row counts of the layer and head curves. 96 and 128 bracket the engine's switch from its compiled
+# bf16 loop to widened fp32 matmuls (layers.BF16_LOOP_MAX_ROWS) and the fp32 4-bit loop's switch:
+# log-log interpolation from 64 to 256 across it put a 128-row prefill at 0.7x its measured rate.
+CURVE_ROWS = (1, 4, 16, 64, 96, 128, 256, 1024, 4096)
+
+
 def _layer_curve(dev, tdtype, sync, per: float, spec: "ModelSpec", on_cuda: bool,
                  passes: int = 3) -> list[tuple[int, float]]:
     """FLOP/s (ModelSpec.layer_matmul_flops) of layers.decoder_layer with one of `spec`'s decoder
@@ -667,7 +684,7 @@ def _layer_curve(dev, tdtype, sync, per: float, spec: "ModelSpec", on_cuda: bool
             it[0] += 1
         return rows * flops_per_row / _timeit(call, sync, per / passes)
     # beyond ~0.5 s per call the curve is flat; larger sizes are extrapolated flat
-    out = _best_of_passes((1, 4, 16, 64, 256, 1024, 4096), measure, passes,
+    out = _best_of_passes(CURVE_ROWS, measure, passes,
                           lambda rows, rate: rows * flops_per_row / rate > 0.5)
     del ws
     return out
@@ -689,7 +706,7 @@ def _head_curve(dev, tdtype, sync, per: float, spec: "ModelSpec", passes: int = 
         x = torch.randn(rows, 1, probe.hidden, device=dev).to(tdtype)
         t = _timeit(lambda: next_tokens(layers.lm_head(w, probe, x)[:, 0], params, None), sync, per / passes)
         return probe.head_flops(rows) / t
-    return _best_of_passes((1, 4, 16, 64, 256), measure, passes)
+    return _best_of_passes(tuple(r for r in CURVE_ROWS if r <= 256), measure, passes)
 
 
 def _itemsize(tdtype) -> int:
@@ -697,10 +714,16 @@ def _itemsize(tdtype) -> int:
     return torch.empty(0, dtype=tdtype).element_size()
 
 
-def _engine_overheads(dev, tdtype, offload_dir: str | None, layer_call_s: float,
+def _engine_overheads(dev, tdtype, offload_dir: str | None, attn_call_s: float,
                       quick: bool = False) -> tuple[float, float]:
-    """(schedule overhead per layer and micro-batch, extra cost per disk KV block and decode step),
-    from decode steps of the engine on a tiny 8-layer model where the math is negligible."""
+    """(schedule overhead per scheduling layer and micro-batch, extra cost per disk KV block and
+    decode step), from decode steps of the engine on a tiny 8-layer model where the math is
+    negligible. The first is what one more micro-batch adds to a step, less its decode-attention
+    calls (attn_call_s each, priced by the attention probe): the cache write, the per-micro-batch
+    views and bookkeeping of every layer, its sampling. Block-wide decode runs one layer call for
+    all micro-batches, so this is not the cost of a layer call (measured on 2 Zen 3 vCPUs, bf16:
+    ~100 us per layer and micro-batch beside a ~540 us layer call; charged nothing before, as the
+    difference of the two clipped at zero)."""
     from ..engine.config import MemoryBudget, Policy
     from ..engine.engine import Engine
     from ..engine.weights import DummyReader
@@ -709,23 +732,25 @@ def _engine_overheads(dev, tdtype, offload_dir: str | None, layer_call_s: float,
     L, K, steps, runs = spec.num_layers, 4, (4 if quick else 16), (1 if quick else 3)
     root = tempfile.mkdtemp(prefix="flexgen-profile-", dir=offload_dir)
 
-    def per_layer_mb(percent: list[float], ccc: bool) -> float:
-        pol = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=K, cpu_cache_compute=ccc)
+    def step_s(percent: list[float], ccc: bool, k: int) -> float:
+        pol = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=k, cpu_cache_compute=ccc)
         eng = Engine(spec, pol, DummyReader(spec), dev, tdtype, root, MemoryBudget(), "probe")
         try:
-            prompts = [[2, 5, 6, 7]] * (2 * K)
+            prompts = [[2, 5, 6, 7]] * (2 * k)
             eng.generate(prompts, max_new_tokens=3)
             best = min(eng.generate(prompts, max_new_tokens=steps + 1).stats.decode_time for _ in range(runs))
         finally:
             eng.close()
-        return best / steps / ((L + 2) * K)
+        return best / steps
     try:
-        resident = per_layer_mb([100, 0, 100, 0, 100, 0], False)
-        host = per_layer_mb([100, 0, 0, 100, 100, 0], True)
-        disk = per_layer_mb([100, 0, 0, 0, 100, 0], True)
+        resident = [100, 0, 100, 0, 100, 0]
+        one, many = step_s(resident, False, 1), step_s(resident, False, K)
+        host = step_s([100, 0, 0, 100, 100, 0], True, K)
+        disk = step_s([100, 0, 0, 0, 100, 0], True, K)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return max(0.0, resident - layer_call_s), max(0.0, (disk - host) * (L + 2) / L)
+    per_mb = (many - one) / (K - 1)  # one more micro-batch, every layer of a step
+    return max(0.0, (per_mb - L * attn_call_s) / (L + 2)), max(0.0, (disk - host) / (K * L))
 
 
 def _layer_overhead(dev, tdtype, sync, per: float) -> float:
@@ -805,6 +830,33 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
         sync_s = max(0.0, _timeit(append_then_read, lambda: None, per / 2) - read_s)
         return {"disk_read_bw": rd, "disk_read_serial_bw": rd1, "disk_read_mixed_bw": mixed, "disk_write_bw": wr,
                 "disk_sync_s": sync_s, "disk_direct": f.direct}
+
+
+def _copy_between_compute(work: Callable[[], None], nbytes: int, per: float) -> float:
+    """Bytes/s that layer-sized copies from a cold source add to the compute calls they sit
+    between, on the compute's own cores: the engine's weight staging on a CPU whose torch threads
+    take every core (weight_store). The caches the compute leaves dirty, and those the copy evicts,
+    are the engine's too: on 2 Zen 3 vCPUs a 256 MB copy timed alone ran 13-15 GB/s while the
+    engine's steps copied at ~8 GB/s, and the search over-predicted host-tier policies by up to
+    1.5x. Calls alone and with a copy alternate, so a slow minute slows both."""
+    import torch
+    srcs = [torch.ones(nbytes, dtype=torch.uint8) for _ in range(_cold_copies(nbytes))]
+    dsts = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(2)]
+    alone: list[float] = []
+    both: list[float] = []
+    work()
+    start, i = time.perf_counter(), 0
+    while len(both) < 5 or time.perf_counter() - start < per:
+        t0 = time.perf_counter()
+        work()
+        t1 = time.perf_counter()
+        dsts[i % 2].copy_(srcs[i % len(srcs)])
+        work()
+        alone.append(t1 - t0)
+        both.append(time.perf_counter() - t1)
+        i += 1
+    extra = sorted(both)[len(both) // 2] - sorted(alone)[len(alone) // 2]
+    return nbytes / max(extra, nbytes / 100e9)  # noise can hide a fast copy: at most 100 GB/s
 
 
 def measure_contention(work: Callable[[], None], offload_dir: str | None, nbytes: int,
