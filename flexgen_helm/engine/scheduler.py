@@ -301,7 +301,8 @@ class BlockRun:
                                                       self._where(blk))
 
     def close(self) -> None:
-        # a load not yet started is dropped (one run by the caller never is); a running one finishes
+        # a load not yet started (queued in the pool, or left for the computing thread) is dropped;
+        # one already running finishes first
         if self.pending_layer is not None and not self.pending_layer.cancel():
             self.pending_layer.result()
         self.pending_layer = None
