@@ -353,8 +353,11 @@ def _timeit(fn: Callable[[], object], sync: Callable[[], None], min_time: float,
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return _median(times)
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: str | None = None,
@@ -390,7 +393,11 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     if on_cuda:
         meta["gpu"] = torch.cuda.get_device_name(dev)
 
-    h2d, d2h, dcopy, disk = measure_io(dev, offload_dir, disk_mb, per, log, copy_mb=8 if quick else 256)
+    # copies made between compute calls are timed there, below (copies_share_compute_cores)
+    share_cores = copies_share_compute_cores(dev)
+    if not share_cores:
+        h2d, d2h, dcopy = measure_copies(dev, per, log, copy_mb=8 if quick else 256)
+    disk = measure_disk(offload_dir, disk_mb, per, log)
 
     # -- matmuls shaped like an OPT MLP (h -> 4h -> h); 3 weight pairs cycled so that at hidden=2048
     # (48 MB bf16 per pair) decode-size products read weights from memory, not from cache.
@@ -439,7 +446,7 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
     share_c, share_d = measure_contention(mlp32, offload_dir, disk_mb << 20, per / 2)
     log(f"beside a disk stream compute keeps {share_c:.0%} of its rate; beside compute the disk keeps "
         f"{share_d:.0%} of its read rate")
-    if copies_share_compute_cores(dev):  # the engine copies between compute calls: price them there
+    if share_cores:  # the engine copies between compute calls: price them there
         h2d = d2h = dcopy = _copy_between_compute(mlp32, (8 if quick else 32) << 20, per)
         log(f"copy between compute calls {h2d / 1e9:.2f} GB/s")
     del pairs
@@ -527,15 +534,13 @@ def measure_profile(device: str = "cpu", dtype: str = "bfloat16", offload_dir: s
         layer_overhead_s=overhead, sched_overhead_s=sched, disk_block_s=disk_block,
         # CUDA copies run on DMA engines; on a CPU compute device the I/O threads' copies overlap
         # compute only when torch leaves a core free for them
-        copy_overlaps_compute=not copies_share_compute_cores(dev),
+        copy_overlaps_compute=not share_cores,
         host_cores=0 if on_cuda else (os.cpu_count() or 1),
         source="measured", meta=meta)
 
 
-def measure_io(dev, offload_dir: str | None, disk_mb: int, per: float, log: Callable[[str], None],
-               copy_mb: int = 256):
-    """(host->compute, compute->host, within-compute copy) in bytes/s and the disk figures (profile
-    fields, see _measure_disk)."""
+def measure_copies(dev, per: float, log: Callable[[str], None], copy_mb: int = 256) -> tuple[float, float, float]:
+    """(host->compute, compute->host, within-compute) copy rates in bytes/s, each copy timed alone."""
     import torch
     on_cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
@@ -555,9 +560,14 @@ def measure_io(dev, offload_dir: str | None, disk_mb: int, per: float, log: Call
     del host, comp
     log(f"copy host->compute {h2d / 1e9:.2f} GB/s, compute->host {d2h / 1e9:.2f} GB/s, "
         f"within compute {dcopy / 1e9:.2f} GB/s")
+    return h2d, d2h, dcopy
+
+
+def measure_disk(offload_dir: str | None, disk_mb: int, per: float, log: Callable[[str], None]) -> dict:
+    """The disk figures (profile fields, see _measure_disk), logged."""
     disk = _measure_disk(offload_dir, disk_mb << 20, per)
     log("disk " + _disk_line(disk))
-    return h2d, d2h, dcopy, disk
+    return disk
 
 
 def _disk_line(d: dict) -> str:
@@ -573,9 +583,12 @@ def refresh_io(hw: HardwareProfile, offload_dir: str | None = None, seconds: flo
     machines I/O rates drift with what the neighbours do, compute rates much less."""
     import torch
     dev = torch.device("cuda" if hw.device == "cuda" else "cpu")
-    h2d, d2h, dcopy, disk = measure_io(dev, offload_dir, 256, seconds / 6, log or (lambda s: None))
-    if hw.device == "cpu" and not hw.copy_overlaps_compute:  # priced between compute calls: keep them
+    log = log or (lambda s: None)
+    if hw.device == "cpu" and not hw.copy_overlaps_compute:  # priced between compute calls: kept
         h2d, d2h, dcopy = hw.h2d_bw, hw.d2h_bw, hw.dev_copy_bw
+    else:
+        h2d, d2h, dcopy = measure_copies(dev, seconds / 6, log)
+    disk = measure_disk(offload_dir, 256, seconds / 6, log)
     return dataclasses.replace(hw, h2d_bw=h2d, d2h_bw=d2h, dev_copy_bw=dcopy, **disk)
 
 
@@ -855,7 +868,7 @@ def _copy_between_compute(work: Callable[[], None], nbytes: int, per: float) -> 
         alone.append(t1 - t0)
         both.append(time.perf_counter() - t1)
         i += 1
-    extra = sorted(both)[len(both) // 2] - sorted(alone)[len(alone) // 2]
+    extra = _median(both) - _median(alone)
     return nbytes / max(extra, nbytes / 100e9)  # noise can hide a fast copy: at most 100 GB/s
 
 
