@@ -52,11 +52,12 @@ def _round_to(x: float, a: int) -> int:
 
 
 # Rows per decode matmul up to which torch's fused 4-bit kernel beats dequantize + dense bf16 on a
-# CPU with hardware bf16 (AMX / AVX512-BF16). Measured on a 2-core Xeon with AMX (README, kernel
-# figures): the fused kernel is 2.5x / 1.8x / 1.0x the dense rate at 1 / 4 / 8 rows and 0.5x at 16,
-# but dequantizing every weight each step (0.2-0.5 ns per value, in the engine's I/O threads on the
-# same cores) costs more than that half at 16 rows (opt-1.3b in memory, batch 16: fused ~0.22 s per
-# decode step, dequantize + dense 0.64 s); from 32 rows dense wins, at 256 rows ~5x.
+# CPU with hardware bf16 (AMX / AVX512-BF16). Measured on a 2-core Xeon with AMX (kernel figures of
+# the AMX box in reports/benchmarks.md): the fused kernel is 2.5x / 1.8x / 1.0x the dense rate at
+# 1 / 4 / 8 rows and 0.5x at 16, but dequantizing every weight each step (0.2-0.5 ns per value, in
+# the engine's I/O threads on the same cores) costs more than that half at 16 rows (opt-1.3b in
+# memory, batch 16: fused ~0.22 s per decode step, dequantize + dense 0.64 s); from 32 rows dense
+# wins, at 256 rows ~5x.
 FUSED_INT4_MAX_ROWS_NATIVE_BF16 = 16
 
 
