@@ -52,3 +52,25 @@ def test_prediction_matches_engine_on_this_machine(tmp_path):
         assert 0.75 <= r["ratio"] <= 1.25, r["workload"]["name"]
         assert r["chosen_is_fastest"], r["workload"]["name"]
         assert all(row["within_budget"] for row in r["rows"])
+
+
+@pytest.mark.parametrize("available", [1 << 40, 1 << 20])  # room for every engine / for none at once
+def test_engines_are_built_per_run_where_their_budgets_do_not_fit_together(tiny_opt, tmp_path, available):
+    """Round-robin keeps every engine built only when their host budgets fit in free memory (validate
+    run 11 was OOM-killed building six opt-1.3b fp32 engines on 24 GB); otherwise each run builds
+    and closes its own engine, with the same runs measured and nothing left in the offload dir."""
+    from flexgen_helm.engine.config import Policy
+    from flexgen_helm.policy.validate import engines_fit_together, run_policies
+
+    w = Workload("tiny", tiny_opt, 8, 2, 4, "100MB", "100MB", "100MB")
+    pols = [Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50),
+            Policy(gpu_batch_size=4, num_gpu_batches=1)]
+    assert engines_fit_together(w, 2, 1 << 40) and not engines_fit_together(w, 2, 1 << 20)
+    logs: list[str] = []
+    prompts = [[2, 5 + i, 7, 9, 11, 13, 15, 17] for i in range(4)]
+    out = run_policies(w, pols, prompts, str(tmp_path), repeat=2, log=logs.append, dtype="float32",
+                       available=available)
+    assert [len(o["runs"]) for o in out] == [2, 2]
+    assert all(o["throughput"] > 0 and o["peak_memory"]["disk"] > 0 for o in out[:1])
+    assert any("each run builds its engine" in m for m in logs) == (available < 1 << 30)
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), "offload files left behind"

@@ -126,38 +126,73 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
+def host_memory_available() -> int:
+    """Bytes the OS could give this process now (Linux MemAvailable; elsewhere, free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def engines_fit_together(w: Workload, n: int, available: int) -> bool:
+    """Whether n engines of this workload can stay built at once: on a CPU compute device each one
+    may fill its gpu and cpu budgets with host memory (opt-1.3b in fp32: 6 x 4.2 GB, more than a
+    24 GB machine has; validate run 11 was OOM-killed there)."""
+    b = w.budget
+    return n * ((b.gpu or 0) + (b.cpu or 0)) <= 0.8 * available
+
+
 def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offload_dir: str, repeat: int,
                  quiet: float = 1.0, max_wait: float = 0.0, log=print,
-                 dtype: str = "bfloat16") -> list[dict | ConfigError]:
-    """Time each policy `repeat` times, round-robin: all engines are built first, then every round
-    runs each policy once. On a shared machine the disk and the cores slow down for a minute at a
-    time; round-robin spreads each policy's runs over the whole measurement, so a slow minute costs
-    one run of several policies instead of every run of one. The best run of each policy counts."""
+                 dtype: str = "bfloat16", available: int | None = None) -> list[dict | ConfigError]:
+    """Time each policy `repeat` times, round-robin: every round runs each policy once. On a shared
+    machine the disk and the cores slow down for a minute at a time; round-robin spreads each
+    policy's runs over the whole measurement, so a slow minute costs one run of several policies
+    instead of every run of one. The best run of each policy counts. The engines are built once and
+    kept when their budgets fit in host memory together, else each run builds and closes its own."""
     import contextlib
 
     import torch
 
     from ..engine.engine import Engine
-    with contextlib.ExitStack() as stack:
-        engines: list = []
+    together = engines_fit_together(w, len(pols), host_memory_available() if available is None else available)
+    if not together:
+        log(f"[{w.name}] {len(pols)} engines' budgets exceed 80% of free host memory: each run builds its engine")
+
+    def build(pol: Policy, stack: contextlib.ExitStack):
+        t0 = time.perf_counter()
+        eng = stack.enter_context(Engine.from_pretrained(
+            w.model, policy=pol, device="cpu", dtype=getattr(torch, dtype), offload_dir=offload_dir,
+            budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len))
+        eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
+        return eng, time.perf_counter() - t0
+
+    engines: list = []  # per policy: ConfigError, or [engine or None, build seconds, runs, peaks]
+    with contextlib.ExitStack() as kept:
         for pol in pols:
-            t0 = time.perf_counter()
             try:
-                eng = stack.enter_context(Engine.from_pretrained(
-                    w.model, policy=pol, device="cpu", dtype=getattr(torch, dtype), offload_dir=offload_dir,
-                    budget=w.budget, prompt_len=w.prompt_len, gen_len=w.gen_len))
+                with contextlib.ExitStack() as own:
+                    eng, build_s = build(pol, own)
+                    if together:
+                        kept.enter_context(own.pop_all())
+                    engines.append([eng if together else None, build_s, [], {"gpu": 0, "cpu": 0, "disk": 0}])
+                eng = None  # a closed engine's buffers go before the next one is built
             except ConfigError as e:  # reported, not fatal: the table shows what could not run
                 engines.append(e)
-                continue
-            eng.generate(prompts[:pol.gpu_batch_size], max_new_tokens=2)  # warm-up: allocator, kernels, files
-            engines.append((eng, time.perf_counter() - t0, [], {"gpu": 0, "cpu": 0, "disk": 0}))
         for r in range(repeat):
-            for e in engines:
+            for pol, e in zip(pols, engines):
                 if isinstance(e, ConfigError):
                     continue
-                eng, _, runs, peak = e
-                busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
-                st = eng.generate(prompts, max_new_tokens=w.gen_len).stats
+                with contextlib.ExitStack() as own:
+                    eng = e[0] if together else build(pol, own)[0]
+                    _, _, runs, peak = e
+                    busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
+                    st = eng.generate(prompts, max_new_tokens=w.gen_len).stats
+                eng = None
                 runs.append({"round": r, "prefill_s": st.prefill_time, "decode_s": st.decode_time,
                              "io_wait_s": st.io_wait_time, "busy_before": busy, "load": os.getloadavg()[0]})
                 for t in peak:
@@ -168,10 +203,10 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
         if isinstance(e, ConfigError):
             out.append(e)
             continue
-        _, build, runs, peak = e
+        _, build_s, runs, peak = e
         best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
         total = best["prefill_s"] + best["decode_s"]
-        out.append({"build_s": build, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
+        out.append({"build_s": build_s, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
                     "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak})
     return out
 
