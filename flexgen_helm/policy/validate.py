@@ -29,7 +29,7 @@ from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dt
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
 from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
-from .search import Candidate, confirm, effective_budget, search, workload_time
+from .search import Candidate, _host_available, confirm, effective_budget, search, workload_time
 
 
 @dataclass(frozen=True)
@@ -126,18 +126,6 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-def host_memory_available() -> int:
-    """Bytes the OS could give this process now (Linux MemAvailable; elsewhere, free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def engines_fit_together(w: Workload, n: int, available: int) -> bool:
     """Whether n engines of this workload can stay built at once: on a CPU compute device each one
     may fill its gpu and cpu budgets with host memory (opt-1.3b in fp32: 6 x 4.2 GB, more than a
@@ -159,7 +147,8 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
     import torch
 
     from ..engine.engine import Engine
-    together = engines_fit_together(w, len(pols), host_memory_available() if available is None else available)
+    available = _host_available() if available is None else available  # None: not Linux, keep them built
+    together = available is None or engines_fit_together(w, len(pols), available)
     if not together:
         log(f"[{w.name}] {len(pols)} engines' budgets exceed 80% of free host memory: each run builds its engine")
 
