@@ -43,7 +43,8 @@ class SearchResult:
         return self.best.estimate.policy
 
 
-def _host_available() -> int | None:
+def host_available() -> int | None:
+    """Bytes the OS could give this process now (Linux MemAvailable); None where unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -58,7 +59,7 @@ def effective_budget(budget: MemoryBudget, device: str, use_machine: bool) -> di
     """Per-tier limits, plus "host" (gpu+cpu together when the compute tier is host memory)."""
     out: dict[str, float | None] = {"gpu": budget.gpu, "cpu": budget.cpu, "disk": budget.disk, "host": None}
     if use_machine:
-        avail = _host_available()
+        avail = host_available()
         if avail is not None:
             cap = HOST_SHARE * avail
             if device == "cpu":

@@ -29,7 +29,7 @@ from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dt
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
 from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
-from .search import Candidate, _host_available, confirm, effective_budget, search, workload_time
+from .search import Candidate, host_available, confirm, effective_budget, search, workload_time
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
     import torch
 
     from ..engine.engine import Engine
-    available = _host_available() if available is None else available  # None: not Linux, keep them built
+    available = host_available() if available is None else available  # None: not Linux, keep them built
     together = available is None or engines_fit_together(w, len(pols), available)
     if not together:
         log(f"[{w.name}] {len(pols)} engines' budgets exceed 80% of free host memory: each run builds its engine")
