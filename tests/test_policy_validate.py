@@ -60,12 +60,15 @@ def test_engines_are_built_per_run_where_their_budgets_do_not_fit_together(tiny_
     run 11 was OOM-killed building six opt-1.3b fp32 engines on 24 GB); otherwise each run builds
     and closes its own engine, with the same runs measured and nothing left in the offload dir."""
     from flexgen_helm.engine.config import Policy
-    from flexgen_helm.policy.validate import engines_fit_together, run_policies
+    from flexgen_helm.policy.validate import engines_fit_together, host_bytes, run_policies
 
     w = Workload("tiny", tiny_opt, 8, 2, 4, "100MB", "100MB", "100MB")
     pols = [Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50),
             Policy(gpu_batch_size=4, num_gpu_batches=1)]
-    assert engines_fit_together(w, 2, 1 << 40) and not engines_fit_together(w, 2, 1 << 20)
+    assert host_bytes(w) == 200_000_000 and host_bytes(w, {"gpu": 5, "cpu": 7, "disk": 11}) == 12
+    assert engines_fit_together([host_bytes(w)] * 2, 1 << 40) and not engines_fit_together([host_bytes(w)] * 2, 1 << 20)
+    # the policies' planned memory, not the budgets, where the caller has it (validate does)
+    assert engines_fit_together([50_000_000] * 6, 400_000_000) and not engines_fit_together([host_bytes(w)] * 6, 400_000_000)
     logs: list[str] = []
     prompts = [[2, 5 + i, 7, 9, 11, 13, 15, 17] for i in range(4)]
     out = run_policies(w, pols, prompts, str(tmp_path), repeat=2, log=logs.append, dtype="float32",

@@ -126,31 +126,40 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-def engines_fit_together(w: Workload, n: int, available: int) -> bool:
-    """Whether n engines of this workload can stay built at once: on a CPU compute device each one
-    may fill its gpu and cpu budgets with host memory (opt-1.3b in fp32: 6 x 4.2 GB, more than a
-    24 GB machine has; validate run 11 was OOM-killed there)."""
-    b = w.budget
-    return n * ((b.gpu or 0) + (b.cpu or 0)) <= 0.8 * available
+def engines_fit_together(need: list[int], available: int) -> bool:
+    """Whether engines that each hold need[i] bytes of host memory can stay built at once, in 80% of
+    what is available (validate run 11 was OOM-killed building six opt-1.3b fp32 engines on 24 GB)."""
+    return sum(need) <= 0.8 * available
+
+
+def host_bytes(w: Workload, memory: dict[str, int] | None = None) -> int:
+    """Host memory one engine holds on a CPU compute device, where the gpu tier is host memory too:
+    its memory plan's gpu + cpu bytes, or without a plan the workload's budgets (an upper bound)."""
+    m = memory if memory is not None else {"gpu": w.budget.gpu or 0, "cpu": w.budget.cpu or 0}
+    return m["gpu"] + m["cpu"]
 
 
 def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offload_dir: str, repeat: int,
                  quiet: float = 1.0, max_wait: float = 0.0, log=print,
-                 dtype: str = "bfloat16", available: int | None = None) -> list[dict | ConfigError]:
+                 dtype: str = "bfloat16", available: int | None = None,
+                 memory: list[dict[str, int]] | None = None) -> list[dict | ConfigError]:
     """Time each policy `repeat` times, round-robin: every round runs each policy once. On a shared
     machine the disk and the cores slow down for a minute at a time; round-robin spreads each
     policy's runs over the whole measurement, so a slow minute costs one run of several policies
     instead of every run of one. The best run of each policy counts. The engines are built once and
-    kept when their budgets fit in host memory together, else each run builds and closes its own."""
+    kept when they fit in host memory together (each policy's planned `memory` per tier, else the
+    workload's budgets), else each run builds and closes its own."""
     import contextlib
 
     import torch
 
     from ..engine.engine import Engine
     available = host_available() if available is None else available  # None: not Linux, keep them built
-    together = available is None or engines_fit_together(w, len(pols), available)
+    need = [host_bytes(w, m) for m in (memory or [None] * len(pols))]
+    together = available is None or engines_fit_together(need, available)
     if not together:
-        log(f"[{w.name}] {len(pols)} engines' budgets exceed 80% of free host memory: each run builds its engine")
+        log(f"[{w.name}] {len(pols)} engines' host memory ({sum(need) / 1e9:.1f} GB) exceeds 80% of what is "
+            f"free ({available / 1e9:.1f} GB): each run builds its engine")
 
     def build(pol: Policy, stack: contextlib.ExitStack):
         t0 = time.perf_counter()
@@ -228,7 +237,7 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
         rows = []
         picks = [("chosen", res.best)] + [("alternative", a) for a in alts]
         measured = run_policies(w, [c.estimate.policy for _, c in picks], prompts, offload_dir, repeat, quiet,
-                                max_wait, log, dtype=dtype)
+                                max_wait, log, dtype=dtype, memory=[c.estimate.memory for _, c in picks])
         for (role, c), m in zip(picks, measured):
             pol = c.estimate.policy
             if isinstance(m, ConfigError):
