@@ -77,3 +77,38 @@ def test_engines_are_built_per_run_where_their_budgets_do_not_fit_together(tiny_
     assert all(o["throughput"] > 0 and o["peak_memory"]["disk"] > 0 for o in out[:1])
     assert any("each run builds its engine" in m for m in logs) == (available < 1 << 30)
     assert not any(p.is_file() for p in tmp_path.rglob("*")), "offload files left behind"
+
+
+def test_runs_are_priced_again_at_the_disk_rate_measured_around_them(tiny_opt, tmp_path):
+    """Each timed run is bracketed by two disk-rate probes and records their mean; the run's
+    prediction at that rate equals the chosen prediction at the profile's rate, and grows as the
+    disk slows for a policy that reads weights from disk (not for one that holds them in memory)."""
+    from flexgen_helm.engine.config import Policy
+    from flexgen_helm.policy.profiler import disk_read_probe, with_disk_rate
+    from flexgen_helm.policy.validate import at_run_disk_rate, run_policies
+
+    w = Workload("tiny", tiny_opt, 8, 2, 4, "100MB", "100MB", "100MB")
+    on_disk = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0)
+    in_memory = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=100)
+    rates = iter([1e9, 3e9, 2e9, 2e9] * 2)
+    prompts = [[2, 5 + i, 7, 9, 11, 13, 15, 17] for i in range(4)]
+    out = run_policies(w, [on_disk, in_memory], prompts, str(tmp_path), repeat=2, log=lambda s: None,
+                       dtype="float32", disk_rate=lambda: next(rates))
+    # round-robin: policy 0 round 0 (1, 3 GB/s), policy 1 round 0 (2, 2), then the same again
+    assert [r["disk_read_bw"] for r in out[0]["runs"]] == [2e9, 2e9]
+    spec = load_spec(tiny_opt)
+    hw = replace(HW, disk_read_serial_bw=0.8e9, disk_read_mixed_bw=0.4e9)
+    slow = with_disk_rate(hw, 0.5e9)
+    assert (slow.disk_read_bw, slow.disk_read_serial_bw, slow.disk_read_mixed_bw) == (0.5e9, 0.4e9, 0.2e9)
+    for pol, m in zip([on_disk, in_memory], out):
+        for r in m["runs"]:
+            r["disk_read_bw"] = hw.disk_read_bw  # the profile's own rate: the same prediction
+        assert at_run_disk_rate(spec, pol, hw, w, 4, 10.0, m)["pred_s_run_disk"] == pytest.approx(10.0)
+        for r in m["runs"]:
+            r["disk_read_bw"] = hw.disk_read_bw / 4
+        got = at_run_disk_rate(spec, pol, hw, w, 4, 10.0, m)
+        assert (got["pred_s_run_disk"] > 10.5) == (pol is on_disk)
+        assert got["ratio_run_disk"] == pytest.approx(got["pred_s_run_disk"] / m["total_s"])
+    with disk_read_probe(str(tmp_path), 8 << 20) as rate:
+        assert rate(0.05) > 1e6
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), "probe or offload files left behind"

@@ -592,6 +592,25 @@ def refresh_io(hw: HardwareProfile, offload_dir: str | None = None, seconds: flo
     return dataclasses.replace(hw, h2d_bw=h2d, d2h_bw=d2h, dev_copy_bw=dcopy, **disk)
 
 
+@contextlib.contextmanager
+def disk_read_probe(offload_dir: str | None, nbytes: int = 256 << 20):
+    """A callable `rate(per=0.4) -> B/s`: the profile's parallel O_DIRECT read rate measured again
+    now, on one probe file written once (validate brackets each timed run with it: this machine's
+    disk rate swings 2x within a minute, so a profile taken before a workload prices its runs at a
+    rate the runs may not see)."""
+    with _probe_file(offload_dir, nbytes) as (f, buf):
+        yield lambda per=0.4: nbytes / _timeit(lambda: f.read_into(0, buf[:nbytes]), lambda: None, per)
+
+
+def with_disk_rate(hw: HardwareProfile, read_bw: float) -> HardwareProfile:
+    """The profile with its disk read rates scaled to a parallel read rate measured later (the
+    one-request and mixed rates keep their measured ratios to it)."""
+    k = read_bw / hw.disk_read_bw
+    return dataclasses.replace(hw, disk_read_bw=read_bw,
+                               disk_read_serial_bw=hw.disk_read_serial_bw and hw.disk_read_serial_bw * k,
+                               disk_read_mixed_bw=hw.disk_read_mixed_bw and hw.disk_read_mixed_bw * k)
+
+
 def _llc_bytes() -> int:
     """Last-level CPU cache size (Linux sysfs), 32 MB when unknown."""
     try:

@@ -19,16 +19,18 @@ run of several policies, not all runs of one), and the load average is recorded 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from ..engine.config import ConfigError, MemoryBudget, Policy, default_dtype, dtype_name, parse_bytes
 from ..engine.model_spec import load_spec
 from .cost_model import estimate
-from .profiler import HardwareProfile, measure_profile, refresh_io, with_widths
+from .profiler import HardwareProfile, disk_read_probe, measure_profile, refresh_io, with_disk_rate, with_widths
 from .search import Candidate, host_available, confirm, effective_budget, search, workload_time
 
 
@@ -142,13 +144,16 @@ def host_bytes(w: Workload, memory: dict[str, int] | None = None) -> int:
 def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offload_dir: str, repeat: int,
                  quiet: float = 1.0, max_wait: float = 0.0, log=print,
                  dtype: str = "bfloat16", available: int | None = None,
-                 memory: list[dict[str, int]] | None = None) -> list[dict | ConfigError]:
+                 memory: list[dict[str, int]] | None = None,
+                 disk_rate: Callable[[], float] | None = None) -> list[dict | ConfigError]:
     """Time each policy `repeat` times, round-robin: every round runs each policy once. On a shared
     machine the disk and the cores slow down for a minute at a time; round-robin spreads each
     policy's runs over the whole measurement, so a slow minute costs one run of several policies
     instead of every run of one. The best run of each policy counts. The engines are built once and
     kept when they fit in host memory together (each policy's planned `memory` per tier, else the
-    workload's budgets), else each run builds and closes its own."""
+    workload's budgets), else each run builds and closes its own. With `disk_rate` (a probe, B/s),
+    the disk's read rate is measured right before and right after each run; the run records their
+    mean."""
     import contextlib
 
     import torch
@@ -189,10 +194,13 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
                     eng = e[0] if together else build(pol, own)[0]
                     _, _, runs, peak = e
                     busy = wait_quiet(quiet, max_wait) if max_wait > 0 else busy_fraction(0.2)
+                    before = disk_rate() if disk_rate else None
                     st = eng.generate(prompts, max_new_tokens=w.gen_len).stats
+                    after = disk_rate() if disk_rate else None
                 eng = None
                 runs.append({"round": r, "prefill_s": st.prefill_time, "decode_s": st.decode_time,
-                             "io_wait_s": st.io_wait_time, "busy_before": busy, "load": os.getloadavg()[0]})
+                             "io_wait_s": st.io_wait_time, "busy_before": busy, "load": os.getloadavg()[0],
+                             **({"disk_read_bw": (before + after) / 2} if disk_rate else {})})
                 for t in peak:
                     peak[t] = max(peak[t], st.peak_memory_bytes.get(t, 0))
             log(f"[{w.name}] round {r + 1}/{repeat} done")
@@ -204,15 +212,33 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
         _, build_s, runs, peak = e
         best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
         total = best["prefill_s"] + best["decode_s"]
-        out.append({"build_s": build_s, "runs": runs, "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
-                    "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak})
+        out.append({"build_s": build_s, "runs": runs, "best_run": runs.index(best), "prefill_s": best["prefill_s"],
+                    "decode_s": best["decode_s"], "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak})
     return out
+
+
+def at_run_disk_rate(spec, pol: Policy, hw: HardwareProfile, w: Workload, dtype_bytes: int, pred_s: float,
+                     measured: dict) -> dict:
+    """Each run's prediction again at the disk read rate measured around it (run_policies'
+    disk_rate), and the best run's meas/pred at its rate: separates the cost model's error from the
+    disk's drift between the profile and the run. The chosen prediction `pred_s` is scaled by the
+    model's own time at the two rates, so a candidate re-planned by the search keeps its figure."""
+    def model_s(h: HardwareProfile) -> float:
+        return workload_time(estimate(spec, pol, h, w.prompt_len, w.gen_len, dtype_bytes), spec, h,
+                             w.num_prompts, dtype_bytes)
+    at_profile = model_s(hw)
+    for r in measured["runs"]:
+        r["pred_s_at_disk"] = pred_s * model_s(with_disk_rate(hw, r["disk_read_bw"])) / at_profile
+    best = measured["runs"][measured["best_run"]]
+    return {"disk_read_bw_run": best["disk_read_bw"], "pred_s_run_disk": best["pred_s_at_disk"],
+            "ratio_run_disk": best["pred_s_at_disk"] / measured["total_s"]}
 
 
 def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir: str, repeat: int = 2,
              n_alt: int = 5, quiet: float = 1.0, max_wait: float = 0.0, refresh: str = "full",
              log=print, dtype: str = "bfloat16") -> list[dict]:
     import torch
+    dtype_bytes = getattr(torch, dtype).itemsize
     out = []
     for w in workloads:
         spec = load_spec(w.model)
@@ -227,17 +253,20 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
             hw = refresh_io(hw, offload_dir)
         hw = with_widths(hw, spec)
         res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw,
-                     dtype_bytes=getattr(torch, dtype).itemsize,
+                     dtype_bytes=dtype_bytes,
                      num_prompts=w.num_prompts)
         alts = pick_alternatives(res.best, res.candidates, spec, hw, w, n_alt,
-                                 dtype_bytes=getattr(torch, dtype).itemsize)
+                                 dtype_bytes=dtype_bytes)
         g = torch.Generator().manual_seed(0)
         prompts = [[2] + torch.randint(4, spec.vocab_size, (w.prompt_len - 1,), generator=g).tolist()
                    for _ in range(w.num_prompts)]
         rows = []
         picks = [("chosen", res.best)] + [("alternative", a) for a in alts]
-        measured = run_policies(w, [c.estimate.policy for _, c in picks], prompts, offload_dir, repeat, quiet,
-                                max_wait, log, dtype=dtype, memory=[c.estimate.memory for _, c in picks])
+        with contextlib.ExitStack() as stack:  # disk workloads: the disk rate around each run too
+            probe = stack.enter_context(disk_read_probe(offload_dir)) if w.budget.disk else None
+            measured = run_policies(w, [c.estimate.policy for _, c in picks], prompts, offload_dir, repeat, quiet,
+                                    max_wait, log, dtype=dtype, memory=[c.estimate.memory for _, c in picks],
+                                    disk_rate=probe)
         for (role, c), m in zip(picks, measured):
             pol = c.estimate.policy
             if isinstance(m, ConfigError):
@@ -247,13 +276,17 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
             row = {"role": role, "policy": pol.to_dict(), "pred_s": c.total_s, "pred_throughput": pred_tput,
                    "pred_memory": c.estimate.memory, **m, "ratio": m["throughput"] / pred_tput,
                    "within_budget": _fits(m["peak_memory"], w.budget)}
+            if probe:
+                row.update(at_run_disk_rate(spec, pol, hw, w, dtype_bytes, c.total_s, m))
             rows.append(row)
+            at_run = f" (x{row['ratio_run_disk']:.2f} at the run's disk rate)" if probe else ""
             log(f"[{w.name}] {role:11s} {pol.describe():44s} pred {pred_tput:7.2f} tok/s  meas {m['throughput']:7.2f} "
-                f"(x{row['ratio']:.2f})  other load {max(r['busy_before'] for r in m['runs']):.0%}  "
+                f"(x{row['ratio']:.2f}){at_run}  other load {max(r['busy_before'] for r in m['runs']):.0%}  "
                 f"peak ok={row['within_budget']}")
         chosen = rows[0]
         out.append({"workload": w.__dict__, "rows": rows, "profile": hw.to_dict(), "chosen_pred": chosen["pred_throughput"],
                     "chosen_meas": chosen["throughput"], "ratio": chosen["ratio"],
+                    "ratio_run_disk": chosen.get("ratio_run_disk"),
                     "chosen_is_fastest": all(chosen["throughput"] >= r["throughput"] for r in rows[1:]),
                     "lps": res.lps_solved})
     return out
@@ -261,14 +294,19 @@ def validate(workloads: list[Workload], hw: HardwareProfile | None, offload_dir:
 
 def table(results: list[dict]) -> str:
     lines = ["| workload | budgets gpu/cpu/disk | chosen policy | predicted tok/s | measured tok/s | meas/pred |"
-             " alternatives measured tok/s (predicted) | chosen fastest |", "|---|---|---|---|---|---|---|---|"]
+             " alternatives measured tok/s (predicted) | chosen fastest | meas/pred at the run's disk rate:"
+             " chosen; alternatives (disk GB/s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         w = r["workload"]
         alts = ", ".join(f"{a['throughput']:.2f} ({a['pred_throughput']:.2f})" for a in r["rows"][1:])
+        chosen = r["rows"][0]
+        at_run = "-" if "ratio_run_disk" not in chosen else (
+            f"{chosen['ratio_run_disk']:.2f} ({chosen['disk_read_bw_run'] / 1e9:.2f}); "
+            + ", ".join(f"{a['ratio_run_disk']:.2f} ({a['disk_read_bw_run'] / 1e9:.2f})" for a in r["rows"][1:]))
         lines.append(f"| {w['name']}: {w['model'][6:]} {w['prompt_len']}+{w['gen_len']} x{w['num_prompts']} | "
-                     f"{w['gpu']}/{w['cpu']}/{w['disk']} | {Policy.from_dict(r['rows'][0]['policy']).describe()} | "
+                     f"{w['gpu']}/{w['cpu']}/{w['disk']} | {Policy.from_dict(chosen['policy']).describe()} | "
                      f"{r['chosen_pred']:.2f} | {r['chosen_meas']:.2f} | {r['ratio']:.2f} | {alts} | "
-                     f"{'yes' if r['chosen_is_fastest'] else 'no'} |")
+                     f"{'yes' if r['chosen_is_fastest'] else 'no'} | {at_run} |")
     return "\n".join(lines)
 
 
