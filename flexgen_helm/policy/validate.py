@@ -154,8 +154,6 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
     workload's budgets), else each run builds and closes its own. With `disk_rate` (a probe, B/s),
     the disk's read rate is measured right before and right after each run; the run records their
     mean."""
-    import contextlib
-
     import torch
 
     from ..engine.engine import Engine
@@ -213,7 +211,8 @@ def run_policies(w: Workload, pols: list[Policy], prompts: list[list[int]], offl
         best = min(runs, key=lambda r: r["prefill_s"] + r["decode_s"])
         total = best["prefill_s"] + best["decode_s"]
         out.append({"build_s": build_s, "runs": runs, "best_run": runs.index(best), "prefill_s": best["prefill_s"],
-                    "decode_s": best["decode_s"], "total_s": total, "throughput": w.num_prompts * w.gen_len / total, "peak_memory": peak})
+                    "decode_s": best["decode_s"], "total_s": total, "throughput": w.num_prompts * w.gen_len / total,
+                    "peak_memory": peak})
     return out
 
 
