@@ -496,3 +496,25 @@ def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):
     assert "int4pack" in kinds(many)
     with pytest.raises(ConfigError, match="int4_kernel"):
         Policy(int4_kernel="tinygemm")
+
+
+def test_io_workers_leave_the_compute_its_cores(tmp_path, monkeypatch):
+    """Torch's thread count is per thread: an I/O worker that never set it would run its copies on
+    every core beside the compute. On a CPU compute device each worker takes the cores the
+    computing thread's torch threads leave (at least one); on CUDA the default stays."""
+    from flexgen_helm.engine import tiers as tiers_mod
+    before = torch.get_num_threads()
+    monkeypatch.setattr(tiers_mod.os, "cpu_count", lambda: 4)
+    try:
+        for compute, want in ((1, 3), (3, 1), (4, 1)):
+            torch.set_num_threads(compute)
+            t = tiers_mod.Tiers(torch.device("cpu"), str(tmp_path), None, None, None)
+            try:
+                got = {p.submit(torch.get_num_threads).result() for p in (t.pool, t.chunk_pool)}
+            finally:
+                t.close()
+            assert got == {want}, (compute, got)
+            assert torch.get_num_threads() == compute  # the computing thread keeps its own
+    finally:
+        torch.set_num_threads(before)
+    assert tiers_mod.io_thread_torch_threads(torch.device("cuda")) is None
