@@ -41,7 +41,7 @@ def io_thread_torch_threads(device: torch.device) -> int | None:
     per thread (OpenMP), so a worker that never sets it runs its copies and kernels on every core:
     with 1 compute thread on 2 Zen 3 vCPUs, O_DIRECT reads of opt-1.3b's disk part ran at
     0.9-1.5 GB/s inside the engine against 3.3 alone, and a second thread of matmuls in one process
-    cut a read stream from 3.4 to 2.0 GB/s, restored to 3.3-3.6 once that thread set 1."""
+    cut a read stream from 3.4 to 1.9-2.3 GB/s, restored to 3.3-3.6 once that thread set 1."""
     if device.type != "cpu":
         return None
     return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
