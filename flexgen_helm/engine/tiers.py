@@ -29,10 +29,15 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def _spare_cores() -> int:
+    """Cores the calling thread's torch threads leave free (0 or less: none)."""
+    return (os.cpu_count() or 1) - torch.get_num_threads()
+
+
 def copies_share_compute_cores(device: torch.device) -> bool:
     """True when a copy made beside the compute would run on the compute's own cores: a CPU
     compute device whose torch threads take every core (CUDA copies run on DMA engines)."""
-    return device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
+    return device.type == "cpu" and _spare_cores() <= 0
 
 
 def io_thread_torch_threads(device: torch.device) -> int | None:
@@ -42,9 +47,7 @@ def io_thread_torch_threads(device: torch.device) -> int | None:
     with 1 compute thread on 2 Zen 3 vCPUs, O_DIRECT reads of opt-1.3b's disk part ran at
     0.9-1.5 GB/s inside the engine against 3.3 alone, and a second thread of matmuls in one process
     cut a read stream from 3.4 to 1.9-2.3 GB/s, restored to 3.3-3.6 once that thread set 1."""
-    if device.type != "cpu":
-        return None
-    return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+    return max(1, _spare_cores()) if device.type == "cpu" else None
 
 
 def _set_torch_threads(n: int | None) -> None:
