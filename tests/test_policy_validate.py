@@ -32,12 +32,35 @@ def test_alternatives_are_feasible_distinct_and_predicted_slower(w: Workload, hw
     alts = pick_alternatives(res.best, res.candidates, spec, hw, w)
     assert len(alts) == 5
     pols = [res.best.estimate.policy] + [a.estimate.policy for a in alts]
-    assert len({repr(p) for p in pols}) == 6
+    # distinct as the engine runs them: attention on the host changes nothing without cache off the compute tier
+    runs_as = {repr(replace(p, cpu_cache_compute=p.cpu_cache_compute and p.cache_gpu_percent < 100)) for p in pols}
+    assert len(runs_as) == 6
     for a in alts:
         assert a.per_token_s >= res.best.per_token_s
         for tier in ("gpu", "cpu", "disk"):
             limit = getattr(w.budget, tier)
             assert limit is None or a.estimate.memory[tier] <= limit
+
+
+def test_alternatives_differ_in_what_the_engine_runs():
+    """With validate run 16's measured profile (2 Zen 4 vCPUs, bf16) the 350m cache workload's
+    runners-up included policies that differed only in cpu_cache_compute with the whole cache on the
+    compute tier, where it changes nothing: one policy timed twice as two alternatives."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "reports", "bench", "policy_validate_run16_bf16_default.json")
+    with open(path) as f:
+        run = next(r for r in json.load(f)["results"] if r["workload"]["name"] == "350m cache")
+    hw = HardwareProfile.from_dict(run["profile"])
+    w = next(w for w in WORKLOADS if w.name == "350m cache")
+    spec = load_spec(w.model)
+    res = search(spec, prompt_len=w.prompt_len, gen_len=w.gen_len, budget=w.budget, hw=hw, dtype_bytes=2,
+                 num_prompts=w.num_prompts)
+    pols = [res.best.estimate.policy] + [a.estimate.policy for a in pick_alternatives(res.best, res.candidates,
+                                                                                      spec, hw, w)]
+    assert len(pols) >= 4
+    runs_as = {repr(replace(p, cpu_cache_compute=p.cpu_cache_compute and p.cache_gpu_percent < 100)) for p in pols}
+    assert len(runs_as) == len(pols), [p.describe() for p in pols]
 
 
 @pytest.mark.slow

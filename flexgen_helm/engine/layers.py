@@ -52,6 +52,10 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 # blocks (tenth session, alternating in one run): 48 rows 112 vs 62, 64: 111 vs 73, 96: 111 vs 85,
 # 128: 112 vs 97, 256: 112 vs 122; the sixth session's faster hour widened to 107 at 128 rows.
 BF16_LOOP_MAX_ROWS = 96
+# Where the CPU has bf16 in hardware (AVX512-BF16 or AMX), rows up to which the same loop beats
+# torch's bf16 matmul. 2 Zen 4 cores (AVX512-BF16, no AMX), 8192 x 2048 cycled from memory, GFLOP/s
+# torch vs loop: 1 row 18 vs 36, 4 rows 73 vs 59, 16 rows 223 vs 102.
+BF16_LOOP_MAX_ROWS_NATIVE = 1
 # Rows up to which the compiled 4-bit loop (GroupInt4Weight) beats dequantizing the weight to fp32
 # (compiled, ~0.15 ns per value, into the reused buffer) for torch's fp32 matmul. Same box and
 # weights, GFLOP/s loop vs dequantized: 16 rows 93 vs 36, 48: 89 vs 76, 64: 80 vs 87, 96: 69 vs 100,
@@ -90,6 +94,12 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         if y is None:  # many rows: widen the weight, torch's fp32 matmul
             y = _fp32_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
         return y.add_(bias) if bias is not None else y
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+        # Speed: with hardware bf16, torch's kernel still reads a one-row product's weight slowly;
+        # the loop (same fp32 accumulation) streams it at memory speed. None beyond its rows.
+        y = kernels.bf16_matmul(weight, x, BF16_LOOP_MAX_ROWS_NATIVE)
+        if y is not None:
+            return y.add_(bias) if bias is not None else y
     return F.linear(x, weight, bias)
 
 
