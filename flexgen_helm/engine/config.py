@@ -34,6 +34,13 @@ def cpu_has_fast_bf16() -> bool:
     return any(p() for p in probes if p is not None)
 
 
+def cpu_has_amx() -> bool:
+    """Does this CPU have AMX tiles (torch's bf16 kernels then run on them: a different speed class)?"""
+    import torch
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def default_dtype(device: str) -> str:
     """The compute dtype when none is given: fp16 on CUDA; on the CPU bf16 where it runs in
     hardware (fp16 matmuls are slow there), else fp32 (emulated bf16 is several times slower than

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .compression import FUSED_INT4_TYPES, GroupInt4Weight, RowQuantizedTable
-from .config import cpu_has_fast_bf16
+from .config import cpu_has_amx, cpu_has_fast_bf16
 from .model_spec import ModelSpec
 from .rope import apply_rotary
 
@@ -52,7 +52,7 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 # blocks (tenth session, alternating in one run): 48 rows 112 vs 62, 64: 111 vs 73, 96: 111 vs 85,
 # 128: 112 vs 97, 256: 112 vs 122; the sixth session's faster hour widened to 107 at 128 rows.
 BF16_LOOP_MAX_ROWS = 96
-# Where the CPU has bf16 in hardware (AVX512-BF16 or AMX), rows up to which the same loop beats
+# Where the CPU has AVX512-BF16 without AMX, rows up to which the same loop beats
 # torch's bf16 matmul. 2 Zen 4 cores (AVX512-BF16, no AMX), 8192 x 2048 cycled from memory, GFLOP/s
 # torch vs loop: 1 row 18 vs 36, 4 rows 73 vs 59, 16 rows 223 vs 102.
 BF16_LOOP_MAX_ROWS_NATIVE = 1
@@ -94,9 +94,10 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         if y is None:  # many rows: widen the weight, torch's fp32 matmul
             y = _fp32_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
         return y.add_(bias) if bias is not None else y
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        # Speed: with hardware bf16, torch's kernel still reads a one-row product's weight slowly;
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_amx():
+        # Speed: with AVX512-BF16, torch's kernel still reads a one-row product's weight slowly;
         # the loop (same fp32 accumulation) streams it at memory speed. None beyond its rows.
+        # (AMX boxes keep torch's kernel: not measured against the loop.)
         y = kernels.bf16_matmul(weight, x, BF16_LOOP_MAX_ROWS_NATIVE)
         if y is not None:
             return y.add_(bias) if bias is not None else y
@@ -136,6 +137,11 @@ def _fp32_linear(x: torch.Tensor, shape: tuple[int, int],
 @functools.lru_cache(maxsize=1)
 def bf16_emulated() -> bool:
     return not cpu_has_fast_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_amx() -> bool:
+    return cpu_has_amx()
 
 
 def embed(w: Weights, spec: ModelSpec, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -256,12 +262,14 @@ def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
                      key_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """q: (b, H, 1, d) against n cached keys (b, G, n, d); key_mask (b, n) bool."""
     allowed = window_mask(key_mask, window)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and (q.dtype == torch.float32 or not cpu_amx()):
         # speed: the C loop reads each cached value once, pair by pair, where torch's SDPA makes
         # several passes. 2-core Zen 3 (AVX2, bf16 emulated): 1.2-1.7x SDPA in fp32, 5-12x in bf16.
         # 2-core Zen 4 (AVX512-BF16, no AMX), 32 rows x 32 heads x 48-512 cached positions:
         # 0.07-0.13 ns per cached value in bf16 against SDPA's 0.55-0.86 (5-9x), 1.3-2.4x in fp32.
-        # None where it does not apply (no compiler, head_dim not a multiple of 64, ...).
+        # With AMX, torch's bf16 SDPA measured 0.1-0.2 ns per cached value (an earlier session's
+        # box, not compared with this loop since): it keeps SDPA there. None where the loop does
+        # not apply (no compiler, head_dim not a multiple of 64, ...).
         out = kernels.attend_dense(q, k_all, v_all, allowed)
         if out is not None:
             return out
