@@ -602,6 +602,33 @@ def test_stacked_int4_weights_equal_one_weight_of_their_rows():
     assert C.GroupInt4Weight.stacked([parts[0], other]) is None
 
 
+def test_one_row_bf16_linear_takes_the_loop_with_hardware_bf16_but_not_amx(monkeypatch):
+    """With AVX512-BF16 and no AMX, a one-row bf16 product goes through the compiled loop (2x torch's
+    kernel at one row on a Zen 4 box) and equals the fp32 product rounded once; more rows, or AMX,
+    stay on torch's kernel."""
+    from flexgen_helm.engine import kernels, layers
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    monkeypatch.setattr(layers, "bf16_emulated", lambda: False)
+    monkeypatch.setattr(layers, "cpu_amx", lambda: False)
+    took, real = [], kernels.bf16_matmul
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda *a: took.append(real(*a)) or took[-1])
+    torch.manual_seed(6)
+    w, bias = torch.randn(256, 384).bfloat16(), torch.randn(256).bfloat16()
+    for x in (torch.randn(1, 384).bfloat16(), torch.randn(1, 1, 384).bfloat16(), torch.randn(4, 384).bfloat16()):
+        took.clear()
+        got = layers.linear(x, w, bias)
+        ref = x.float() @ w.float().T + bias.float()
+        assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+        assert torch.allclose(got.float(), ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
+        one_row = x.numel() == 384
+        assert len(took) == 1 and (took[0] is not None) == one_row
+    monkeypatch.setattr(layers, "cpu_amx", lambda: True)
+    took.clear()
+    layers.linear(torch.randn(1, 384).bfloat16(), w)
+    assert took == []
+
+
 def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monkeypatch):
     """Where the CPU emulates bf16, layers.linear multiplies bf16 weights by the compiled loop (few
     rows) or widens them for torch's fp32 matmul (many rows): both equal the fp32 product of the
