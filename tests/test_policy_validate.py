@@ -33,7 +33,7 @@ def test_alternatives_are_feasible_distinct_and_predicted_slower(w: Workload, hw
     assert len(alts) == 5
     pols = [res.best.estimate.policy] + [a.estimate.policy for a in alts]
     # distinct as the engine runs them: attention on the host changes nothing without cache off the compute tier
-    runs_as = {repr(replace(p, cpu_cache_compute=p.cpu_cache_compute and p.cache_gpu_percent < 100)) for p in pols}
+    runs_as = {repr(replace(p, cpu_cache_compute=p.attends_on_host)) for p in pols}
     assert len(runs_as) == 6
     for a in alts:
         assert a.per_token_s >= res.best.per_token_s
@@ -59,7 +59,7 @@ def test_alternatives_differ_in_what_the_engine_runs():
     pols = [res.best.estimate.policy] + [a.estimate.policy for a in pick_alternatives(res.best, res.candidates,
                                                                                       spec, hw, w)]
     assert len(pols) >= 4
-    runs_as = {repr(replace(p, cpu_cache_compute=p.cpu_cache_compute and p.cache_gpu_percent < 100)) for p in pols}
+    runs_as = {repr(replace(p, cpu_cache_compute=p.attends_on_host)) for p in pols}
     assert len(runs_as) == len(pols), [p.describe() for p in pols]
 
 

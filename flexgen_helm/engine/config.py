@@ -29,16 +29,18 @@ def dtype_name(name: str) -> str:
 def cpu_has_fast_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it torch emulates
     bf16 matmuls: measured ~10 GFLOP/s per core on an AVX2-only EPYC, where fp32 reaches ~70."""
-    import torch
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(p() for p in probes if p is not None)
+    return _torch_cpu_has("_is_avx512_bf16_supported") or cpu_has_amx()
 
 
 def cpu_has_amx() -> bool:
     """Does this CPU have AMX tiles (torch's bf16 kernels then run on them: a different speed class)?"""
+    return _torch_cpu_has("_is_amx_tile_supported")
+
+
+def _torch_cpu_has(probe: str) -> bool:
     import torch
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    fn = getattr(torch.cpu, probe, None)
+    return bool(fn is not None and fn())
 
 
 def default_dtype(device: str) -> str:
@@ -131,6 +133,11 @@ class Policy:
     @property
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def attends_on_host(self) -> bool:
+        """cpu_cache_compute as it acts: it moves attention only for cache held off the compute tier."""
+        return self.cpu_cache_compute and self.cache_gpu_percent < 100
 
     @property
     def w_disk_percent(self) -> float:

@@ -168,8 +168,9 @@ class WeightStore:
             # Speed: where compute has every core, a layer with nothing on disk is copied by the
             # thread that computes on it, when it asks for it. In an I/O thread the copy would run on
             # a core of the compute's OpenMP team (a 2-thread team of its own before the workers
-            # set their thread count) and the team's barriers wait on a descheduled thread: opt-125m, block 4x8, weights on the host tier, 2 Zen 3 cores, alternating
-            # runs: decode 3.2-3.9 s with the copies in the pool, 2.8-3.3 s here. The cost model
+            # set their thread count) and the team's barriers wait on a descheduled thread:
+            # opt-125m, block 4x8, weights on the host tier, 2 Zen 3 cores, alternating runs:
+            # decode 3.2-3.9 s with the copies in the pool, 2.8-3.3 s here. The cost model
             # charges these copies serially (profile: copy_overlaps_compute False).
             return _OnCaller(lambda: self._load(j, slot))
         return self.tiers.pool.submit(self._load, j, slot)

@@ -71,10 +71,9 @@ def pick_alternatives(chosen: Candidate, cands: list[Candidate], spec, hw: Hardw
                       n: int = 5, tie: float = 1.10, dtype_bytes: int = 2) -> list[Candidate]:
     """n feasible policies other than the chosen one, spread over the search's ranking."""
     def key(p: Policy) -> tuple:
-        # cpu_cache_compute changes nothing where the whole cache sits on the compute tier (validate
-        # run 16 timed two such twins of one policy as two alternatives)
-        ccc = p.cpu_cache_compute and p.cache_gpu_percent < 100
-        return (p.gpu_batch_size, p.num_gpu_batches, ccc, round(p.w_gpu_percent / 10),
+        # attends_on_host, not cpu_cache_compute: validate run 16 timed two policies that differed
+        # only in the flag, with the whole cache on the compute tier, as two alternatives
+        return (p.gpu_batch_size, p.num_gpu_batches, p.attends_on_host, round(p.w_gpu_percent / 10),
                 round(p.w_cpu_percent / 10), round(p.cache_gpu_percent / 10), round(p.cache_cpu_percent / 10))
 
     seen = {key(chosen.estimate.policy)}
