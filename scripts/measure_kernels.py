@@ -100,7 +100,7 @@ def main() -> None:
     from flexgen_helm.engine import compression as C
     from flexgen_helm.engine import kernels
     from flexgen_helm.engine.config import CompressionConfig, cpu_has_fast_bf16
-    from flexgen_helm.engine.layers import _fp32_linear, linear
+    from flexgen_helm.engine.layers import _widened_linear, linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,7 +148,7 @@ def main() -> None:
             def mm4d(x=xf, it=it):  # dequantized to fp32 a block of rows at a time, torch's fp32 matmul
                 it[0] += 1
                 w4 = own4[it[0] % 3]
-                return _fp32_linear(x, w4.shape, w4.dequantize_rows_into)
+                return _widened_linear(x, w4.shape, w4.dequantize_rows_into)
             row["int4_dequant_fp32_mm_gflops"] = flops / _median_s(mm4d, args.reps) / 1e9
         rows_out.append(row)
         print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()), flush=True)

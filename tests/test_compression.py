@@ -665,20 +665,22 @@ def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monk
 
 def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_loop(monkeypatch):
     """layers.linear runs a compiled-loop 4-bit weight (GroupInt4Weight) on the loop up to
-    int4_loop_max_rows(dtype) rows and beyond that dequantizes it to fp32 a block of output rows at a time
-    for torch's matmul: both equal x @ dequantize(w).T (fp32 or bf16 activations, bias, batch axes,
-    groups of 64 and 128, blocks of rows that do not divide the output rows)."""
+    int4_loop_max_rows(dtype) rows and beyond that dequantizes it a block of output rows at a time for
+    torch's matmul (to fp32; bf16 activations on a CPU with hardware bf16: to bf16): both equal
+    x @ dequantize(w).T (fp32 or bf16 activations, bias, batch axes, groups of 64 and 128, blocks of
+    rows that do not divide the output rows), on either kind of CPU."""
     from flexgen_helm.engine import kernels, layers
     if not kernels.available():
         pytest.skip("needs the compiled kernels (a C compiler)")
     torch.manual_seed(6)
-    calls = []
+    calls, whole = [], layers.WIDEN_CHUNK
     real = C.GroupInt4Weight.dequantize_rows_into
     monkeypatch.setattr(C.GroupInt4Weight, "dequantize_rows_into",
-                        lambda self, a, b, out: calls.append((a, b)) or real(self, a, b, out))
-    for n, k, g, chunk in ((96, 256, 64, None), (70, 384, 128, 384 * 16)):
-        if chunk:
-            monkeypatch.setattr(layers, "WIDEN_CHUNK", chunk)  # blocks of 16 rows: 16+16+16+16+6
+                        lambda self, a, b, out: calls.append((a, b, out.dtype)) or real(self, a, b, out))
+    for emulated, n, k, g, chunk in ((True, 96, 256, 64, None), (True, 70, 384, 128, 384 * 16),
+                                     (False, 96, 256, 64, None), (False, 70, 384, 128, 384 * 16)):
+        monkeypatch.setattr(layers, "bf16_emulated", lambda e=emulated: e)
+        monkeypatch.setattr(layers, "WIDEN_CHUNK", chunk or whole)  # chunk: blocks of 16 rows: 16+16+16+16+6
         cfg = CompressionConfig(group_dim=1, group_size=g)
         w = torch.randn(n, k) * torch.logspace(-2, 1, k)
         wq = C.GroupInt4Weight.from_dense(w, cfg, torch.float32)
@@ -698,4 +700,6 @@ def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_lo
                 assert bool(calls) == many
                 if many:  # every output row dequantized exactly once, in blocks
                     assert sorted(calls)[0][0] == 0 and sorted(calls)[-1][1] == n
-                    assert sum(b - a for a, b in calls) == n and len(calls) == (1 if not chunk else 5)
+                    assert sum(b - a for a, b, _ in calls) == n and len(calls) == (1 if not chunk else 5)
+                    wide = torch.bfloat16 if dt == torch.bfloat16 and not emulated else torch.float32
+                    assert {d for _, _, d in calls} == {wide}

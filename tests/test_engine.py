@@ -306,13 +306,14 @@ def test_plan_counts_the_cpu_fp32_widening_scratch(tiny_opt, tmp_path, monkeypat
     from flexgen_helm.engine.placement import step_workspace_nbytes
     monkeypatch.setattr(layers, "bf16_emulated", lambda: True)
     monkeypatch.setattr(layers, "_scratch", threading.local())
-    real, seen = layers._fp32_linear, []
+    real, seen = layers._widened_linear, []
 
-    def spy(x, shape, fill):
-        y = real(x, shape, fill)
-        seen.append(layers._scratch.fp32.numel() * 4 + x.numel() // x.shape[-1] * sum(shape) * 4)
+    def spy(x, shape, fill, dtype=torch.float32):
+        y = real(x, shape, fill, dtype)
+        scratch = sum(b.numel() * b.element_size() for b in vars(layers._scratch).values())
+        seen.append(scratch + x.numel() // x.shape[-1] * sum(shape) * dtype.itemsize)
         return y
-    monkeypatch.setattr(layers, "_fp32_linear", spy)
+    monkeypatch.setattr(layers, "_widened_linear", spy)
     monkeypatch.setattr(layers, "BF16_LOOP_MAX_ROWS", 5)  # calls beyond 5 rows widen: prefills, not decodes
     monkeypatch.setattr(layers, "INT4_LOOP_MAX_ROWS", 5)
     monkeypatch.setattr(layers, "INT4_X16_LOOP_MAX_ROWS", 5)
@@ -473,8 +474,10 @@ def test_fp32_compute_uses_the_compiled_int4_loop_not_torchs_fused_kernel(monkey
 
 
 def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):
-    """bf16 on a CPU: the fused 4-bit kernel where a decode matmul has few rows or bf16 is emulated;
-    dequantize-at-load + dense matmuls where hardware bf16 meets many rows; the policy can force either."""
+    """bf16 on a CPU: with AMX, torch's fused 4-bit kernel where a decode matmul has few rows and
+    dequantize-at-load + dense matmuls where it has many; without AMX (AVX512-BF16 or emulated bf16)
+    the compiled loop at every row count (it dequantizes per call beyond its rows); the policy can
+    force either."""
     import dataclasses
     spec = spec_from_name("opt-125m")
     kinds = lambda pol: {s.kind for s in layer_layout(spec, 1, 2, pol, cpu_compute=True).slots}  # noqa: E731
@@ -492,6 +495,14 @@ def test_int4_kernel_choice_follows_rows_per_matmul_and_hardware(monkeypatch):
     from flexgen_helm.engine import kernels
     assert kinds(many) & {"int4pack", "int4"} == ({"int4"} if kernels.available() else {"int4pack"})
     assert not kinds(dataclasses.replace(few, int4_kernel="dequantize")) & {"int4pack", "int4"}
+    # AVX512-BF16 without AMX: the compiled loop too (1.4x torch's kernel at one row on Zen 4)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    if kernels.available():
+        assert "int4" in kinds(few) and "int4" in kinds(many) and "int4pack" not in kinds(many)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+        assert "int4pack" in kinds(few) and "int4" not in kinds(few)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert "int4pack" in kinds(many)
     with pytest.raises(ConfigError, match="int4_kernel"):

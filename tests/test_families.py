@@ -179,9 +179,9 @@ def test_4bit_loop_weights_stacked_per_call_equal_the_quantized_reference(varian
         pytest.skip("needs the compiled kernels (a C compiler)")
     d = build_tiny_family(str(tmp_path / variant), variant, seed=4, tokenizer=False, hidden_size=128,
                           intermediate_size=256, head_dim=32)
-    # the loop takes bf16 4-bit weights where the CPU emulates bf16; with AVX512-BF16 or AMX the engine
-    # picks torch's kernel instead (compression.fused_int4): test the loop's bf16 path on every CPU
-    monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: False)
+    # the loop takes bf16 4-bit weights unless the CPU has AMX, where the engine picks torch's kernel
+    # instead (compression.fused_int4): test the loop's bf16 path on every CPU
+    monkeypatch.setattr(config, "cpu_has_amx", lambda: False)
     parts_seen = []
     real = kernels.int4_matmul
     monkeypatch.setattr(kernels, "int4_matmul", lambda parts, *a: parts_seen.append(len(parts)) or real(parts, *a))

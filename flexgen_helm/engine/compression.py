@@ -526,11 +526,13 @@ FUSED_INT4_TYPES = tuple(FUSED_INT4_KINDS.values())
 def fused_int4(dtype_bytes: int) -> type[Int4Weight] | type[GroupInt4Weight]:
     """The class of 4-bit weights multiplied without a dequantized copy for this compute dtype: the
     one place that pairs a dtype with its fused kernel. fp32: the compiled loop (torch's kernel takes
-    a scalar path there). bf16: torch's kernel where the CPU multiplies bf16 in hardware; where it
-    emulates bf16 (AVX2), the compiled loop on bf16 activations widened once, measured 1.6x torch's
-    kernel at one row (33 vs 20 GFLOP/s, 2 Zen 3 cores, 8192 x 2048 read from memory), on par at 256."""
-    from .config import cpu_has_fast_bf16
-    if dtype_bytes == 4 or (dtype_bytes == 2 and kernels.available() and not cpu_has_fast_bf16()):
+    a scalar path there). bf16: the compiled loop (on bf16 activations in 16-bit fixed point) unless
+    the CPU has AMX, where torch's kernel stays. GFLOP/s loop vs torch's kernel, 8192 x 2048 read
+    from memory: 2 Zen 3 cores (bf16 emulated) 33 vs 20 at one row, on par at 256; 2 Zen 4 cores
+    (AVX512-BF16, no AMX) 106 vs 75 at one row, 158 vs 120 at 2, 153 vs 169 at 4, 159-189 vs
+    165-171 at 8-128 (beyond layers.int4_loop_max_rows the loop's weights are dequantized per call)."""
+    from .config import cpu_has_amx
+    if kernels.available() and (dtype_bytes == 4 or (dtype_bytes == 2 and not cpu_has_amx())):
         return GroupInt4Weight
     return Int4Weight
 

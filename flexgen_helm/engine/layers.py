@@ -69,10 +69,17 @@ INT4_LOOP_MAX_ROWS = 96
 # one run, in an hour when fp32 matmuls ran ~0.6x their best here); in a fast hour 64: 146 vs 70,
 # 128: 148 vs 98, 256: 149 vs 122 (1.22x at 256 rows in both).
 INT4_X16_LOOP_MAX_ROWS = 256
+# The same where the CPU multiplies bf16 in hardware: beyond these rows dequantizing to bf16 (compiled,
+# ~0.23 ns per value) for torch's bf16 matmul wins. 2 Zen 4 cores (AVX512-BF16, no AMX), 8192 x 2048
+# cycled from memory, GFLOP/s loop vs dequantized: 16 rows 167 vs 87, 32: 172 vs 148, 48: 191 vs
+# 190, 64: 191 vs 220, 128: 175 vs 294, 256: 170 vs 359 (dequantized to fp32 for fp32's matmul: 147).
+INT4_X16_LOOP_MAX_ROWS_NATIVE = 48
 
 
 def int4_loop_max_rows(dtype: torch.dtype) -> int:
-    return INT4_X16_LOOP_MAX_ROWS if dtype == torch.bfloat16 else INT4_LOOP_MAX_ROWS
+    if dtype != torch.bfloat16:
+        return INT4_LOOP_MAX_ROWS
+    return INT4_X16_LOOP_MAX_ROWS if bf16_emulated() else INT4_X16_LOOP_MAX_ROWS_NATIVE
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,8 +89,11 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         rows = x.numel() // max(1, x.shape[-1])
         if isinstance(weight, GroupInt4Weight) and rows > int4_loop_max_rows(x.dtype) and kernels.available():
             # Speed: many rows (a prefill) are compute-bound, and the 4-bit loop tops out below
-            # torch's fp32 matmul; dequantizing (compiled, ~0.2 ns per weight) costs less than it saves.
-            y = _fp32_linear(x, weight.shape, weight.dequantize_rows_into).to(x.dtype)
+            # torch's dense matmul; dequantizing (compiled, ~0.2 ns per weight) costs less than it
+            # saves. To bf16 where the CPU multiplies it in hardware (2.4x fp32's rate at 256 rows
+            # on Zen 4), else to fp32.
+            dt = torch.float32 if x.dtype != torch.bfloat16 or bf16_emulated() else torch.bfloat16
+            y = _widened_linear(x, weight.shape, weight.dequantize_rows_into, dt).to(x.dtype)
         else:
             y = weight.matmul(x)
         return y.add_(bias) if bias is not None else y
@@ -92,7 +102,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         # exactly, so both paths below equal a bf16 matmul with fp32 accumulation, 3-7x faster.
         y = kernels.bf16_matmul(weight, x, BF16_LOOP_MAX_ROWS)
         if y is None:  # many rows: widen the weight, torch's fp32 matmul
-            y = _fp32_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
+            y = _widened_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
         return y.add_(bias) if bias is not None else y
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_amx():
         # Speed: with AVX512-BF16, torch's kernel still reads a one-row product's weight slowly;
@@ -108,24 +118,26 @@ _scratch = threading.local()
 WIDEN_CHUNK = 1 << 24  # values: the fp32 scratch stays <= 64 MB (a 128K-vocab head is 1 GB in fp32)
 
 
-def _fp32_linear(x: torch.Tensor, shape: tuple[int, int],
-                 fill: Callable[[int, int, torch.Tensor], object]) -> torch.Tensor:
-    """x @ w.T in fp32 for an (n, k) weight held in another form: fill(a, b, out) writes its rows
-    [a, b) as fp32 into `out` (b - a, k), a block of rows at a time, into a scratch buffer reused
-    across calls (per thread). Speed: a fresh fp32 copy per call pays its page faults every time;
-    reused, an 8192 x 2048 bf16 product runs 100 instead of 68 GFLOP/s at 128 rows, 134 instead of
-    100 at 256."""
+def _widened_linear(x: torch.Tensor, shape: tuple[int, int], fill: Callable[[int, int, torch.Tensor], object],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ w.T in `dtype` (fp32, or bf16 on CPUs that multiply it in hardware) for an (n, k) weight
+    held in another form: fill(a, b, out) writes its rows [a, b) in `dtype` into `out` (b - a, k), a
+    block of rows at a time, into a scratch buffer reused across calls (per thread and dtype).
+    Speed: a fresh fp32 copy per call pays its page faults every time; reused, an 8192 x 2048 bf16
+    product runs 100 instead of 68 GFLOP/s at 128 rows, 134 instead of 100 at 256."""
     n, k = shape
     step = max(1, WIDEN_CHUNK // k)
-    buf = getattr(_scratch, "fp32", None)
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < min(n, step) * k:
-        buf = _scratch.fp32 = torch.empty(min(n, step) * k, dtype=torch.float32)
-    xf = x.float()
+        buf = torch.empty(min(n, step) * k, dtype=dtype)
+        setattr(_scratch, name, buf)
+    xf = x.to(dtype)
     if n <= step:
         w = buf[:n * k].view(n, k)
         fill(0, n, w)
         return F.linear(xf, w)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], n, dtype=dtype)
     for a in range(0, n, step):
         b = min(n, a + step)
         w = buf[:(b - a) * k].view(b - a, k)

@@ -63,15 +63,15 @@ FUSED_INT4_MAX_ROWS_NATIVE_BF16 = 16
 
 def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
     """Are 4-bit linear weights multiplied without a dequantized copy (else dequantized at load)?
-    Only on a CPU compute tier, by compression.fused_int4's kernel: torch's fused kernel (bf16 where
-    the CPU has native bf16) or the compiled loop (kernels.int4_matmul: fp32, and bf16 on AVX2;
-    torch's kernel takes a scalar path in fp32, measured 1 GFLOP/s), so fp32 needs the C compiler.
-    "auto": always for the compiled loop (fp32, and bf16 where it is emulated): it runs up to
-    layers.int4_loop_max_rows rows per call and beyond that dequantizes the same slots per call to
-    fp32, the work "dequantize" would do at load, so it is never the slower choice. Measured on 2
-    AVX2 cores, opt-1.3b fp32 in memory, prompt 16, gen 16: batch 64 15.3-15.5 vs 10.3-12.0 tok/s
+    Only on a CPU compute tier, by compression.fused_int4's kernel: the compiled loop
+    (kernels.int4_matmul: fp32, and bf16 without AMX) or torch's fused kernel (bf16 with AMX; in
+    fp32 it takes a scalar path, measured 1 GFLOP/s), so fp32 needs the C compiler.
+    "auto": always for the compiled loop: it runs up to layers.int4_loop_max_rows rows per call and
+    beyond that dequantizes the same slots per call (to fp32, or bf16 where the CPU multiplies it in
+    hardware), the work "dequantize" would do at load, so it is never the slower choice. Measured on
+    2 AVX2 cores, opt-1.3b fp32 in memory, prompt 16, gen 16: batch 64 15.3-15.5 vs 10.3-12.0 tok/s
     (decode 26.5 vs 14.2-17.8), batch 128 14.5 vs 13.6; bf16 on that box: the loop runs 150 GFLOP/s
-    at 16-256 rows. With torch's kernel (native bf16): while a decode matmul has at most
+    at 16-256 rows. With torch's kernel (AMX): while a decode matmul has at most
     FUSED_INT4_MAX_ROWS_NATIVE_BF16 rows (the prefill's many rows pay the fused rate too, but a
     block's decode steps outnumber it)."""
     if not (cpu_compute and dtype_bytes in (2, 4) and policy.compress_weight):
@@ -82,9 +82,10 @@ def uses_fused_int4(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool
             return False
     if policy.int4_kernel != "auto":
         return policy.int4_kernel == "fused"
+    from . import compression
     from .config import cpu_has_fast_bf16
-    if dtype_bytes == 4 or not cpu_has_fast_bf16():
-        return True
+    if compression.fused_int4(dtype_bytes) is compression.GroupInt4Weight or not cpu_has_fast_bf16():
+        return True  # (without a C compiler torch's kernel still beats emulated bf16 at every row count)
     rows = policy.gpu_batch_size * (policy.num_gpu_batches if policy.block_matmul else 1)
     return rows <= FUSED_INT4_MAX_ROWS_NATIVE_BF16
 
@@ -154,13 +155,14 @@ def widens(policy: Policy, dtype_bytes: int, cpu_compute: bool) -> bool:
 
 
 def widen_nbytes(spec: ModelSpec, rows: int, vocab_rows: int) -> int:
-    """Scratch of layers._fp32_linear, which matmuls of more rows than the compiled loops take
+    """Scratch of layers._widened_linear, which matmuls of more rows than the compiled loops take
     (decoder matmuls over `rows` rows, the head over `vocab_rows`) use: the reused fp32 weight block
     of the largest such matrix, and the fp32 input and product of the widest such call (fused q/k/v
     and gate/up). Without a C compiler bf16 widens at every row count; not counted here."""
     h, e, f = spec.hidden, spec.embed_dim, spec.ffn
     mlp_in = 2 * f if spec.mlp == "silu_gated" else f
-    limit = min(layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS, layers.INT4_X16_LOOP_MAX_ROWS)
+    limit = min(layers.BF16_LOOP_MAX_ROWS, layers.INT4_LOOP_MAX_ROWS, layers.INT4_X16_LOOP_MAX_ROWS,
+                layers.INT4_X16_LOOP_MAX_ROWS_NATIVE)
     calls = []
     if rows > limit:
         calls += [(rows, n, k) for n, k in ((spec.q_width + 2 * spec.kv_width, h), (h, spec.q_width),
