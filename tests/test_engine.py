@@ -529,3 +529,44 @@ def test_io_workers_leave_the_compute_its_cores(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert tiers_mod.io_thread_torch_threads(torch.device("cuda")) is None
+
+
+def _anon_huge_kb(addr: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `addr` (0 when none)."""
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                found = lo <= addr < hi
+            elif found and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_large_host_buffers_ask_for_huge_pages(tmp_path):
+    """Host buffers of 2 MB and more (weights, cache, staging on a CPU compute tier) come from a
+    private anonymous mapping advised MADV_HUGEPAGE: where the kernel grants transparent huge pages
+    on request, touching one maps 2 MB pages; small buffers stay torch's."""
+    import os
+    import re
+
+    from flexgen_helm.engine import tiers as tiers_mod
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = re.search(r"\[(\w+)\]", f.read()).group(1)
+    except OSError:
+        mode = "never"
+    t = tiers_mod.Tiers(torch.device("cpu"), str(tmp_path), None, None, None)
+    try:
+        big = t.alloc("gpu", 16 << 20, "weights")
+        small = t.alloc("cpu", 64 << 10, "small")
+        assert big.numel() == 16 << 20 and big.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0
+        assert not hasattr(small, "_mmap_owner") and small.numel() == 64 << 10
+        big.fill_(1)
+        if mode not in ("always", "madvise"):
+            pytest.skip(f"transparent huge pages are {mode!r} here")
+        assert _anon_huge_kb(big.data_ptr()) >= 8 << 10  # most of the 16 MB (the ends may be unaligned)
+    finally:
+        t.close()
