@@ -242,6 +242,28 @@ def test_compute_and_disk_contention_lengthens_only_the_slots_that_touch_the_dis
     assert HardwareProfile.from_dict(d).disk_share_compute == 1.0
 
 
+def test_a_prefix_read_waits_behind_the_weight_stream_only_where_both_are_on_disk():
+    """The profile's queueing wait of a small read beside the weight stream lengthens decode only for
+    policies whose cache blocks are read from disk while weights also stream from disk: by at most
+    one wait per (layer, micro-batch, decode step); a later disk rate scales the wait inversely."""
+    from flexgen_helm.policy.profiler import with_disk_rate
+    wait = 2e-3
+    hw = replace(HW, disk_read_mixed_bw=5e8, disk_read_mixed_latency_s=wait)
+    quiet = replace(hw, disk_read_mixed_latency_s=0.0)
+    K, gen = 2, 8
+    both = Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=4, num_gpu_batches=K)
+    cache_only = Policy.from_percent([0, 100, 0, 0, 100, 0], gpu_batch_size=4, num_gpu_batches=K)
+    weights_only = Policy.from_percent([0, 0, 0, 100, 100, 0], gpu_batch_size=4, num_gpu_batches=K)
+    for pol in (cache_only, weights_only):
+        assert estimate(SPEC, pol, hw, 32, gen, 2).block_s == pytest.approx(estimate(SPEC, pol, quiet, 32, gen, 2).block_s)
+    longer = estimate(SPEC, both, hw, 32, gen, 2).block_s - estimate(SPEC, both, quiet, 32, gen, 2).block_s
+    assert 0 < longer <= (gen - 1) * SPEC.num_layers * K * wait * (1 + 1e-9)
+    assert with_disk_rate(hw, 2 * hw.disk_read_bw).disk_read_mixed_latency_s == pytest.approx(wait / 2)
+    d = hw.to_dict()
+    del d["disk_read_mixed_latency_s"]  # profiles from before the probe: no wait known
+    assert HardwareProfile.from_dict(d).disk_read_mixed_latency_s == 0.0
+
+
 def test_a_candidate_just_over_a_budget_is_replanned_to_fit():
     """The LP plans with a linear mirror of the engine's memory plan; a candidate that overshoots a
     budget by a few KB of alignment is re-planned against the exact plan (for the search's choice

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from ..engine.model_spec import ModelSpec
 
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-SCHEMA = 4  # 3: compute/disk contention shares; 4: median timings, per-micro-batch schedule cost
+SCHEMA = 5  # 3: compute/disk contention shares; 4: median timings, per-micro-batch schedule cost;
+# 5: a prefix read's queueing wait beside the weight stream, the 4-bit loop's curve on AVX512-BF16
 # (older cached profiles are measured again)
 OPT_VOCAB = 50272
 CurveKey = Union[int, str]  # see layer_key / head_key
@@ -95,6 +96,10 @@ class HardwareProfile:
     # in turn, so one request among several gets a share (this VM disk: 0.2-0.5 GB/s instead of
     # ~1.8 GB/s with 4 weight requests in flight). None: no contention known.
     disk_read_mixed_bw: float | None = None
+    # ... and the fixed wait of a small one-request read beside the stream, beyond its bytes: the
+    # request ahead of it in the device queue (see _measure_disk; this VM disk: 2.7-4 ms behind an
+    # 8 MB request, while a cache prefix of 0.5-2 MB takes 1-4 ms at the mixed rate)
+    disk_read_mixed_latency_s: float = 0.0
     disk_sync_s: float = 0.0  # extra cost of reading a disk KV block right after appending a row to it
     # Shares of their rates that compute keeps while the disk streams weights, and the disk keeps
     # while compute runs (measure_contention; 1.0: independent, as FlexGen's model assumes)
@@ -572,7 +577,8 @@ def measure_disk(offload_dir: str | None, disk_mb: int, per: float, log: Callabl
 
 def _disk_line(d: dict) -> str:
     return (f"read {d['disk_read_bw'] / 1e9:.2f} GB/s ({d['disk_read_serial_bw'] / 1e9:.2f} one request at a "
-            f"time, {d['disk_read_mixed_bw'] / 1e9:.2f} beside a parallel stream), write "
+            f"time, {d['disk_read_mixed_bw'] / 1e9:.2f} beside a parallel stream; a small one waits "
+            f"{d['disk_read_mixed_latency_s'] * 1e3:.1f} ms for a request ahead), write "
             f"{d['disk_write_bw'] / 1e9:.2f} GB/s, append-then-read +{d['disk_sync_s'] * 1e3:.2f} ms "
             f"({'O_DIRECT' if d['disk_direct'] else 'fadvise'})")
 
@@ -604,11 +610,12 @@ def disk_read_probe(offload_dir: str | None, nbytes: int = 256 << 20):
 
 def with_disk_rate(hw: HardwareProfile, read_bw: float) -> HardwareProfile:
     """The profile with its disk read rates scaled to a parallel read rate measured later (the
-    one-request and mixed rates keep their measured ratios to it)."""
+    one-request and mixed rates keep their measured ratios to it, the queueing wait scales inversely)."""
     k = read_bw / hw.disk_read_bw
     return dataclasses.replace(hw, disk_read_bw=read_bw,
                                disk_read_serial_bw=hw.disk_read_serial_bw and hw.disk_read_serial_bw * k,
-                               disk_read_mixed_bw=hw.disk_read_mixed_bw and hw.disk_read_mixed_bw * k)
+                               disk_read_mixed_bw=hw.disk_read_mixed_bw and hw.disk_read_mixed_bw * k,
+                               disk_read_mixed_latency_s=hw.disk_read_mixed_latency_s / k)
 
 
 def _llc_bytes() -> int:
@@ -837,20 +844,36 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
         # cache prefixes are read while the next layer's weights load
         half = nbytes // 2 // ALIGN * ALIGN
         other = aligned_host_buffer(half)
-        stop = threading.Event()
 
-        def stream() -> None:
-            while not stop.is_set():
-                f.read_into(0, other[:half])
-        bg = threading.Thread(target=stream, daemon=True)
-        bg.start()
-        try:
-            time.sleep(0.05)
-            mixed = (nbytes - half) / _timeit(lambda: f.read_into(half, buf[half:nbytes], parallel=False),
-                                              lambda: None, per / 2)
-        finally:
-            stop.set()
-            bg.join()
+        def beside_stream(parallel: bool, fn: Callable[[], object], per_s: float) -> float:
+            """Median seconds of fn while parallel (or one-at-a-time) reads of the first half run."""
+            stop = threading.Event()
+
+            def stream() -> None:
+                while not stop.is_set():
+                    f.read_into(0, other[:half], parallel=parallel)
+            bg = threading.Thread(target=stream, daemon=True)
+            bg.start()
+            try:
+                time.sleep(0.05)
+                return _timeit(fn, lambda: None, per_s, min_reps=5)
+            finally:
+                stop.set()
+                bg.join()
+        mixed = (nbytes - half) / beside_stream(
+            True, lambda: f.read_into(half, buf[half:nbytes], parallel=False), per / 2)
+        # Small one-request reads (cache-prefix sized, at offsets that move) beside a stream with one
+        # CHUNK request in flight: their time beyond their bytes is the wait for the request ahead.
+        # One, not the parallel stream's four: a layer's weight reads are a burst that a prefix read
+        # meets part of the time. Engine measurement (Zen 4, opt-1.3b, cache and weights on disk):
+        # prefix reads took 4.2-4.7 ms beyond their bytes at the mixed rate; this probe gave 2.7-4.0
+        # ms, the parallel-stream one 11-14 ms; validate runs 16-17 re-priced fit best at 2.5-4 ms.
+        small, at = 512 << 10, [half]
+
+        def small_read() -> None:
+            f.read_into(at[0], buf[at[0]:at[0] + small], parallel=False)
+            at[0] = half + (at[0] - half + small) % max(small, (nbytes - half) // small * small)
+        latency = max(0.0, beside_stream(False, small_read, per / 4) - small / rd1)
         # A KV block on disk appends a row (buffered write) and then reads its prefix with O_DIRECT,
         # which makes the kernel write the dirty page back first: a fixed cost per block and step.
         pre, row = 1 << 20, 16 << 10
@@ -860,8 +883,9 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
             f.write(pre - row, buf[pre:pre + row])
             f.read_into(0, buf[:pre], parallel=False)
         sync_s = max(0.0, _timeit(append_then_read, lambda: None, per / 2) - read_s)
-        return {"disk_read_bw": rd, "disk_read_serial_bw": rd1, "disk_read_mixed_bw": mixed, "disk_write_bw": wr,
-                "disk_sync_s": sync_s, "disk_direct": f.direct}
+        return {"disk_read_bw": rd, "disk_read_serial_bw": rd1, "disk_read_mixed_bw": mixed,
+                "disk_read_mixed_latency_s": latency, "disk_write_bw": wr, "disk_sync_s": sync_s,
+                "disk_direct": f.direct}
 
 
 def _copy_between_compute(work: Callable[[], None], nbytes: int, per: float) -> float:
