@@ -845,7 +845,7 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
         half = nbytes // 2 // ALIGN * ALIGN
         other = aligned_host_buffer(half)
 
-        def beside_stream(parallel: bool, fn: Callable[[], object], per_s: float) -> float:
+        def beside_stream(parallel: bool, fn: Callable[[], object], per_s: float, reps: int) -> float:
             """Median seconds of fn while parallel (or one-at-a-time) reads of the first half run."""
             stop = threading.Event()
 
@@ -856,12 +856,12 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
             bg.start()
             try:
                 time.sleep(0.05)
-                return _timeit(fn, lambda: None, per_s, min_reps=5)
+                return _timeit(fn, lambda: None, per_s, min_reps=reps)
             finally:
                 stop.set()
                 bg.join()
         mixed = (nbytes - half) / beside_stream(
-            True, lambda: f.read_into(half, buf[half:nbytes], parallel=False), per / 2)
+            True, lambda: f.read_into(half, buf[half:nbytes], parallel=False), per / 2, 2)
         # Small one-request reads (cache-prefix sized, at offsets that move) beside a stream with one
         # CHUNK request in flight: their time beyond their bytes is the wait for the request ahead.
         # One, not the parallel stream's four: a layer's weight reads are a burst that a prefix read
@@ -873,7 +873,7 @@ def _measure_disk(offload_dir: str | None, nbytes: int, per: float) -> dict:
         def small_read() -> None:
             f.read_into(at[0], buf[at[0]:at[0] + small], parallel=False)
             at[0] = half + (at[0] - half + small) % max(small, (nbytes - half) // small * small)
-        latency = max(0.0, beside_stream(False, small_read, per / 4) - small / rd1)
+        latency = max(0.0, beside_stream(False, small_read, per / 4, 5) - small / rd1)
         # A KV block on disk appends a row (buffered write) and then reads its prefix with O_DIRECT,
         # which makes the kernel write the dirty page back first: a fixed cost per block and step.
         pre, row = 1 << 20, 16 << 10
