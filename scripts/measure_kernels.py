@@ -3,9 +3,10 @@
 Per row count: dense matmul in bf16 and fp32 (torch's), the engine's bf16 linear (layers.linear:
 the compiled bf16 loop or widened fp32 where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
-`int4` slots, when a C compiler is there) or dequantized to fp32 for torch's fp32 matmul (the
-`int4` slots' path beyond layers.int4_loop_max_rows rows) on an OPT-1.3b MLP-shaped weight (8192 x 2048, three copies cycled so
-reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
+`int4` slots, when a C compiler is there), the same slots through the engine's choice by rows
+(layers.linear with bf16 activations: the loop, or beyond layers.int4_loop_max_rows dequantized for
+torch's matmul) and dequantized to fp32 for torch's fp32 matmul, on an OPT-1.3b MLP-shaped weight
+(8192 x 2048, three copies cycled so reads come from memory); 4-bit g64 dequantization through the compiled loop (engine/kernels) and
 the torch-op fallback, in ns per value, next to a plain bf16 copy (memory speed); 4-bit quantization
 the same two ways, of the whole weight and of one new KV-cache row; one decode step of attention
 over a 4-bit g64 KV cache read in place by the compiled loop (kernels.attend_compressed), over the
@@ -144,6 +145,11 @@ def main() -> None:
                 it[0] += 1
                 return own4[it[0] % 3].matmul(x)
             row["int4_compiled_bf16_gflops"] = flops / _median_s(mm4cb, args.reps) / 1e9
+
+            def mm4e(x=xb, it=it):  # the engine's choice by rows (layers.linear: loop, or dequantized)
+                it[0] += 1
+                return linear(x, own4[it[0] % 3])
+            row["int4_engine_bf16_gflops"] = flops / _median_s(mm4e, args.reps) / 1e9
 
             def mm4d(x=xf, it=it):  # dequantized to fp32 a block of rows at a time, torch's fp32 matmul
                 it[0] += 1
