@@ -570,3 +570,65 @@ def test_large_host_buffers_ask_for_huge_pages(tmp_path):
         assert _anon_huge_kb(big.data_ptr()) >= 8 << 10  # most of the 16 MB (the ends may be unaligned)
     finally:
         t.close()
+
+
+def test_large_host_buffers_are_kept_for_the_next_run_within_the_budget(tmp_path):
+    """Tiers.free_buffer keeps a large host buffer for the next alloc of the same tier and size (the
+    next run's KV cache blocks: fresh memory is slow to fault in on a VM). Kept bytes never exceed
+    what the tier held at once, they are let go when a buffer of another size needs the room in the
+    budget, and small buffers are not kept."""
+    from flexgen_helm.engine import tiers as tiers_mod
+    mb = 1 << 20
+    t = tiers_mod.Tiers(torch.device("cpu"), str(tmp_path), 12 * mb, None, None)
+    try:
+        a, b = t.alloc("gpu", 4 * mb, "a"), t.alloc("gpu", 4 * mb, "b")
+        ptrs = {a.data_ptr(), b.data_ptr()}
+        t.free_buffer("gpu", a, 4 * mb)
+        t.free_buffer("gpu", b, 4 * mb)
+        assert t.stats["gpu"].used == 0
+        again = [t.alloc("gpu", 4 * mb, "a2"), t.alloc("gpu", 4 * mb, "b2")]
+        assert {x.data_ptr() for x in again} == ptrs  # the same memory, no fresh pages
+        third = t.alloc("gpu", 4 * mb, "c")
+        assert third.data_ptr() not in ptrs
+        for x in again + [third]:
+            t.free_buffer("gpu", x, 4 * mb)
+        assert t._kept_bytes("gpu") == 12 * mb  # all three: the tier held 12 MB at once
+        big = t.alloc("gpu", 10 * mb, "another size")  # 10 MB used + 12 MB kept > 12 MB budget
+        assert t._kept_bytes("gpu") == 0 and big.data_ptr() not in ptrs
+        t.free_buffer("gpu", big, 10 * mb)
+        small = t.alloc("gpu", 64 << 10, "small")
+        t.free_buffer("gpu", small, 64 << 10)
+        assert ("gpu", 64 << 10) not in t._kept
+    finally:
+        t.close()
+    assert not t._kept
+
+
+def test_a_second_run_reuses_the_first_runs_cache_blocks(tiny_opt, tmp_path, monkeypatch):
+    """Cache blocks in host memory of 2 MB and more go back to the tiers when a run ends and the next
+    run of the same shapes takes them: the same buffers, the same tokens as a fresh engine."""
+    from flexgen_helm.engine import kv_cache
+    from flexgen_helm.engine import tiers as tiers_mod
+    pol = Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=100, w_cpu_percent=0,
+                 cache_gpu_percent=0, cache_cpu_percent=100)
+    seen: list[list[int]] = []
+    real = kv_cache.CacheBlock.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen[-1].append(self._mem.data_ptr() if self._mem is not None else 0)
+    monkeypatch.setattr(kv_cache.CacheBlock, "__init__", spy)
+    monkeypatch.setattr(tiers_mod, "HUGE_PAGE", 1 << 10)  # the tiny model's blocks are a few KB
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    with Engine.from_pretrained(tiny_opt, policy=pol, device="cpu", dtype=torch.float32,
+                                offload_dir=str(tmp_path)) as eng:
+        outs = []
+        for _ in range(2):
+            seen.append([])
+            outs.append(eng.generate(prompts, max_new_tokens=NEW).sequences)
+    with Engine.from_pretrained(tiny_opt, policy=pol, device="cpu", dtype=torch.float32,
+                                offload_dir=str(tmp_path)) as fresh:
+        seen.append([])
+        ref = fresh.generate(prompts, max_new_tokens=NEW).sequences
+    assert all(seen[0]) and sorted(seen[1]) == sorted(seen[0])
+    assert outs[0] == outs[1] == ref

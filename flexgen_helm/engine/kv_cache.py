@@ -52,7 +52,7 @@ class CacheBlock:
         if tier == "disk":
             self.file = tiers.disk_file(name, self.nbytes, "KV cache")
         else:
-            mem = tiers.alloc(tier, self.nbytes, "KV cache")
+            mem = self._mem = tiers.alloc(tier, self.nbytes, "KV cache")
             if self.head_major:  # (the allocation is rounded up to 64 bytes: view just the shape's bytes)
                 self.buf = mem[:self.es * math.prod(self.shape)].view(dtype).view(self.shape)
             else:
@@ -207,8 +207,8 @@ class CacheBlock:
                 self.file.remove()
                 self.file = None
             elif self.buf is not None or self.raw is not None:
-                self.tiers.free(self.tier, self.nbytes)
-                self.buf = self.raw = None
+                self.tiers.free_buffer(self.tier, self._mem, self.nbytes)
+                self.buf = self.raw = self._mem = None
 
 
 def staging_nbytes(rows: int, heads: int, capacity: int, head_dim: int, es: int,
