@@ -26,9 +26,12 @@ def _conf_path(conf: str | None) -> str:
 
 
 def summarize(output_path: str, suite: str, local_path: str) -> None:
-    """Stock helm-summarize, as its own process (it parses sys.argv and sets up its own logging)."""
+    """Stock helm-summarize, as its own process (it parses sys.argv and sets up its own logging).
+    One thread: its threads compile mako templates at once, and CPython 3.11's AST constructor can
+    then fail at random ("SystemError: AST constructor recursion depth mismatch", python/cpython
+    gh-106905; seen once in a fresh-clone `make demo` here). Seven runs summarize in about a second."""
     cmd = [sys.executable, "-c", "from helm.benchmark.presentation.summarize import main; main()",
-           "--suite", suite, "-o", output_path, "--local-path", local_path]
+           "--suite", suite, "-o", output_path, "--local-path", local_path, "--num-threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         from .engine.config import ConfigError
