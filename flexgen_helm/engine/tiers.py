@@ -174,7 +174,7 @@ class Tiers:
     def alloc(self, tier: str, nbytes: int, what: str, aligned: bool = False) -> torch.Tensor:
         """uint8 buffer on "gpu" (compute device) or "cpu" (host)."""
         self.stats[tier].reserve(nbytes, what)
-        kept = self._take_kept(tier, nbytes)
+        kept = self._take_kept(tier, nbytes) if self._keeps(tier, nbytes) else None
         if kept is not None:
             return kept
         if tier == "gpu" and self.on_cuda:
@@ -196,12 +196,17 @@ class Tiers:
         instead of 0.8 (3.5 s per run). Kept bytes stay within what this tier held at once before,
         and are dropped when an allocation of another size would need the room."""
         self.free(tier, nbytes)
-        if (tier == "gpu" and self.on_cuda) or (self.pin and tier == "cpu") or nbytes < HUGE_PAGE:
-            return  # device memory has its own caching allocator; pinned pages are not the issue
+        if not self._keeps(tier, nbytes):
+            return
         st = self.stats[tier]
         with self._kept_lock:
             if self._kept_bytes(tier) + nbytes <= st.peak:
                 self._kept.setdefault((tier, nbytes), []).append(buf)
+
+    def _keeps(self, tier: str, nbytes: int) -> bool:
+        """Are buffers of this tier and size ones free_buffer keeps: large mapped host buffers? (CUDA
+        memory has its own caching allocator; pinned pages are not slow to fault in that way.)"""
+        return nbytes >= HUGE_PAGE and not (tier == "gpu" and self.on_cuda) and not (self.pin and tier == "cpu")
 
     def _kept_bytes(self, tier: str) -> int:
         return sum(n * len(v) for (t, n), v in self._kept.items() if t == tier)
