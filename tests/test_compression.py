@@ -602,10 +602,11 @@ def test_stacked_int4_weights_equal_one_weight_of_their_rows():
     assert C.GroupInt4Weight.stacked([parts[0], other]) is None
 
 
-def test_one_row_bf16_linear_takes_the_loop_with_hardware_bf16_but_not_amx(monkeypatch):
-    """With AVX512-BF16 and no AMX, a one-row bf16 product goes through the compiled loop (2x torch's
-    kernel at one row on a Zen 4 box) and equals the fp32 product rounded once; more rows, or AMX,
-    stay on torch's kernel."""
+def test_few_row_bf16_linear_takes_the_loop_with_hardware_bf16_but_not_amx(monkeypatch):
+    """With AVX512-BF16 and no AMX, bf16 products of up to BF16_DP_MAX_ROWS_NATIVE rows go through
+    the compiled vdpbf16ps loop (1.1-1.7x torch's kernel there on a Zen 4 box), a build without that
+    loop takes only one-row products (the widening loop), and either equals the fp32 product
+    rounded once; more rows, or AMX, stay on torch's kernel."""
     from flexgen_helm.engine import kernels, layers
     if not kernels.available():
         pytest.skip("needs the compiled kernels (a C compiler)")
@@ -615,18 +616,43 @@ def test_one_row_bf16_linear_takes_the_loop_with_hardware_bf16_but_not_amx(monke
     monkeypatch.setattr(kernels, "bf16_matmul", lambda *a: took.append(real(*a)) or took[-1])
     torch.manual_seed(6)
     w, bias = torch.randn(256, 384).bfloat16(), torch.randn(256).bfloat16()
-    for x in (torch.randn(1, 384).bfloat16(), torch.randn(1, 1, 384).bfloat16(), torch.randn(4, 384).bfloat16()):
-        took.clear()
-        got = layers.linear(x, w, bias)
-        ref = x.float() @ w.float().T + bias.float()
-        assert got.dtype == torch.bfloat16 and got.shape == ref.shape
-        assert torch.allclose(got.float(), ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
-        one_row = x.numel() == 384
-        assert len(took) == 1 and (took[0] is not None) == one_row
+    most = layers.BF16_DP_MAX_ROWS_NATIVE
+    for dp in (True, False):
+        monkeypatch.setattr(kernels, "bf16_dp", lambda dp=dp: dp and kernels._library().fg_bf16_dp() == 1)
+        limit = most if kernels.bf16_dp() else 1
+        for x in (torch.randn(1, 384).bfloat16(), torch.randn(1, 1, 384).bfloat16(), torch.randn(4, 384).bfloat16(),
+                  torch.randn(2, most // 2, 384).bfloat16(), torch.randn(most + 1, 384).bfloat16()):
+            took.clear()
+            got = layers.linear(x, w, bias)
+            ref = x.float() @ w.float().T + bias.float()
+            assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+            assert torch.allclose(got.float(), ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
+            assert len(took) == 1 and (took[0] is not None) == (x.numel() // 384 <= limit), (dp, x.shape)
     monkeypatch.setattr(layers, "cpu_amx", lambda: True)
     took.clear()
     layers.linear(torch.randn(1, 384).bfloat16(), w)
     assert took == []
+
+
+def test_bf16_dot_product_loop_equals_the_fp32_product_rounded_once():
+    """The vdpbf16ps loop (built where the CPU has AVX512-BF16) over row counts across its tile
+    heights and its one-row-at-a-time switch, weight rows not a multiple of its tiles or blocks, and
+    K from 32 to 8192: bf16 out, within one rounding of the fp32 product (only the summation order
+    differs); K not a multiple of 32 is refused (None)."""
+    from flexgen_helm.engine import kernels
+    if not kernels.bf16_dp():
+        pytest.skip("needs the compiled kernels built with AVX512-BF16")
+    torch.manual_seed(7)
+    for n, k in ((37, 32), (16, 8192), (200, 96), (1027, 2048)):
+        w = (torch.randn(n, k) * torch.logspace(-2, 1, k)).bfloat16()
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 17, 31, 32, 33):
+            x = torch.randn(rows, k).bfloat16()
+            got = kernels.bf16_matmul(w, x, 64)
+            want = x.float() @ w.float().T
+            assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            scale = (x.float().abs() @ w.float().abs().T)  # bounds each sum's rounding error
+            assert ((got.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-6 * scale + 1e-30).all(), (n, k, rows)
+    assert kernels.bf16_matmul(torch.randn(8, 48).bfloat16(), torch.randn(2, 48).bfloat16(), 64) is None
 
 
 def test_bf16_linear_where_bf16_is_emulated_equals_the_widened_fp32_product(monkeypatch):

@@ -52,9 +52,13 @@ def _linear(w: Weights, role: str, x: torch.Tensor) -> torch.Tensor:
 # blocks (tenth session, alternating in one run): 48 rows 112 vs 62, 64: 111 vs 73, 96: 111 vs 85,
 # 128: 112 vs 97, 256: 112 vs 122; the sixth session's faster hour widened to 107 at 128 rows.
 BF16_LOOP_MAX_ROWS = 96
-# Where the CPU has AVX512-BF16 without AMX, rows up to which the same loop beats
-# torch's bf16 matmul. 2 Zen 4 cores (AVX512-BF16, no AMX), 8192 x 2048 cycled from memory, GFLOP/s
-# torch vs loop: 1 row 18 vs 36, 4 rows 73 vs 59, 16 rows 223 vs 102.
+# Where the CPU has AVX512-BF16 without AMX, rows up to which the compiled loop beats torch's bf16
+# matmul: its vdpbf16ps loop (kernels.bf16_dp). 2 Zen 4 cores (AVX512-BF16, no AMX), weights cycled
+# from memory, GFLOP/s torch vs loop, 8192 x 2048: 1 row 15-20 vs 28-59, 4: 77-82 vs 92-128, 16: 203-213
+# vs 240-247, 32: 278-299 vs 302-310, 48: 335-339 vs 332-334; 2048 x 2048 at 32 rows 251-293 vs 265-293.
+# Builds without that loop (a compiler without AVX512-BF16) widen in registers: one row only
+# (18 vs 36 GFLOP/s; 4 rows 73 vs 59).
+BF16_DP_MAX_ROWS_NATIVE = 32
 BF16_LOOP_MAX_ROWS_NATIVE = 1
 # Rows up to which the compiled 4-bit loop (GroupInt4Weight) beats dequantizing the weight to fp32
 # (compiled, ~0.15 ns per value, into the reused buffer) for torch's fp32 matmul. Same box and
@@ -105,10 +109,12 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
             y = _widened_linear(x, weight.shape, lambda a, b, out: out.copy_(weight[a:b])).to(x.dtype)
         return y.add_(bias) if bias is not None else y
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_amx():
-        # Speed: with AVX512-BF16, torch's kernel still reads a one-row product's weight slowly;
-        # the loop (same fp32 accumulation) streams it at memory speed. None beyond its rows.
-        # (AMX boxes keep torch's kernel: not measured against the loop.)
-        y = kernels.bf16_matmul(weight, x, BF16_LOOP_MAX_ROWS_NATIVE)
+        # Speed: with AVX512-BF16, torch's kernel reaches its best rate only from ~48 rows, and reads
+        # a one-row product's weight at half memory speed; the loop (same fp32 accumulation) runs
+        # 1.1-1.7x it up to 32 rows (a decode step's). None beyond its rows. (AMX boxes keep
+        # torch's kernel: not measured against the loop.)
+        rows = BF16_DP_MAX_ROWS_NATIVE if x.dtype == torch.bfloat16 and kernels.bf16_dp() else BF16_LOOP_MAX_ROWS_NATIVE
+        y = kernels.bf16_matmul(weight, x, rows)
         if y is not None:
             return y.add_(bias) if bias is not None else y
     return F.linear(x, weight, bias)

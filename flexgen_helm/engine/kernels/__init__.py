@@ -120,7 +120,9 @@ def _library():
     lib.fg_int4_matmul_x16.argtypes = [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul.restype = c_int
     lib.fg_bf16_matmul.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
-    lib.fg_openmp.restype = lib.fg_int4_x16.restype = c_int
+    lib.fg_bf16_matmul_dp.restype = c_int
+    lib.fg_bf16_matmul_dp.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
+    lib.fg_openmp.restype = lib.fg_int4_x16.restype = lib.fg_bf16_dp.restype = c_int
     return lib
 
 
@@ -312,10 +314,18 @@ def int4_matmul(parts, x, k: int, group: int):
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
+@lru_cache(maxsize=1)
+def bf16_dp() -> bool:
+    """Does the compiled library have the bf16 dot-product loop (built where the CPU has AVX512-BF16)?"""
+    lib = _library()
+    return lib is not None and bool(lib.fg_bf16_dp())
+
+
 def bf16_matmul(w, x, max_rows: int):
-    """x (..., K) @ w.T for a bf16 (N, K) weight, fp32 accumulation: the C loop (weights read once
-    as bf16, widened in registers) up to `max_rows` rows, None beyond or when it cannot (the caller
-    then widens the weight and runs torch's fp32 matmul). Returns (..., N) in x's dtype."""
+    """x (..., K) @ w.T for a bf16 (N, K) weight, fp32 accumulation, up to `max_rows` rows; None
+    beyond, or when it cannot (the caller then runs another matmul). bf16 activations on a CPU with
+    AVX512-BF16 take the dot-product loop (bf16 in, bf16 out); otherwise the weights are read once as
+    bf16 and widened in registers against fp32 activations. Returns (..., N) in x's dtype."""
     import torch
     n, k = w.shape
     lib = _library()
@@ -323,13 +333,20 @@ def bf16_matmul(w, x, max_rows: int):
     if (lib is None or rows > max_rows or w.dtype != torch.bfloat16 or w.device.type != "cpu" or k % 32
             or x.shape[-1] != k or not w.is_contiguous()):
         return None
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()  # bf16 rows widened once, not per weight
-    y = torch.empty(rows, n, dtype=torch.float32)
     threads = max(1, torch.get_num_threads())
-    if lib.fg_openmp():
-        ok = lib.fg_bf16_matmul(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, 0, n, threads) == 0
+    if x.dtype == torch.bfloat16 and lib.fg_bf16_dp():
+        # Speed: reads and writes bf16 itself (no widened copy of x, no conversion of y)
+        x2 = x.reshape(-1, k).contiguous()
+        y = torch.empty(rows, n, dtype=torch.bfloat16)
+        fn = lib.fg_bf16_matmul_dp
     else:
-        ok = _split(lambda b, e: lib.fg_bf16_matmul(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, b, e, 1),
+        x2 = x.reshape(-1, k).to(torch.float32).contiguous()  # bf16 rows widened once, not per weight
+        y = torch.empty(rows, n, dtype=torch.float32)
+        fn = lib.fg_bf16_matmul
+    if lib.fg_openmp():
+        ok = fn(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, 0, n, threads) == 0
+    else:
+        ok = _split(lambda b, e: fn(w.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, k, n, b, e, 1),
                     n, 16, work=rows * n * k)
     if not ok:
         return None
