@@ -549,14 +549,15 @@ def test_int4_matmul_on_bf16_activations_is_within_its_fixed_point_bound(monkeyp
     """bf16 activations go through the 16-bit fixed-point loop: per 64 values a power-of-two scale,
     so values within 2^7 of the group's largest are exact and smaller ones move by at most 2^(e-16)
     (max |x| < 2^e). The product must stay within that bound plus the output's bf16 rounding, with
-    activations spanning 2^-30..2^6 inside each group, all-zero groups and 1-9 rows; and equal the
-    fp32 loop's answer where the build has no such loop."""
+    activations spanning 2^-30..2^6 inside each group, all-zero groups, 1-9 rows, K up to 8320 and
+    groups of 192; and equal the fp32 loop's answer where the build has no such loop."""
     from flexgen_helm.engine import kernels
     if not kernels.available() or not kernels._library().fg_int4_x16():
         pytest.skip("no compiled AVX2 loop here")
     torch.manual_seed(11)
-    for (n, k), gs in (((96, 384), 64), ((40, 256), 128), ((520, 1152), 64)):
+    for (n, k), gs in (((96, 384), 64), ((40, 256), 128), ((520, 1152), 64), ((24, 8320), 64), ((20, 4992), 192)):
         cfg = CompressionConfig(num_bits=4, group_size=gs, group_dim=1)
+        assert C.GroupInt4Weight.ok((n, k), cfg)
         wq = C.GroupInt4Weight.from_dense(torch.randn(n, k) * torch.logspace(-2, 1, k), cfg, torch.bfloat16)
         ref_w = C.dequantize(wq.packed, wq.meta, (n, k), cfg, torch.float32)
         for rows in (1, 2, 3, 4, 5, 9):
