@@ -1,7 +1,8 @@
 """Kernel figures behind the engine's CPU choices (issue: compute-side speed), in one JSON.
 
 Per row count: dense matmul in bf16 and fp32 (torch's), the engine's bf16 linear (layers.linear:
-the compiled bf16 loop or widened fp32 where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
+the compiled bf16 loops, torch's bf16 matmul from 33 rows with hardware bf16, widened fp32 beyond the
+loop's rows where bf16 is emulated), torch's fused 4-bit matmul (bf16 activations, the
 engine's `int4pack` slots) and the compiled 4-bit multiply (fp32 and bf16 activations, the engine's
 `int4` slots, when a C compiler is there), the same slots through the engine's choice by rows
 (layers.linear with bf16 activations: the loop, or beyond layers.int4_loop_max_rows dequantized for
@@ -124,7 +125,7 @@ def main() -> None:
             row[name + "_gflops"] = flops / _median_s(mm, args.reps) / 1e9
         xb, it = torch.randn(rows, k, dtype=torch.bfloat16), [0]
 
-        def mml(x=xb, it=it):  # the engine's bf16 path (compiled loop / widened where bf16 is emulated)
+        def mml(x=xb, it=it):  # the engine's bf16 path (layers.linear's choice by rows and CPU)
             it[0] += 1
             return linear(x, dense[torch.bfloat16][it[0] % 3])
         row["bf16_engine_linear_gflops"] = flops / _median_s(mml, args.reps) / 1e9
