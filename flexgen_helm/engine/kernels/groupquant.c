@@ -1241,10 +1241,11 @@ int fg_bf16_matmul(const uint16_t *w, const float *x, float *y, int64_t M, int64
  * w (N, K) bf16 with K a multiple of 32, x (M, K) bf16, y (M, N) bf16 (row stride ldy), rounded once
  * from fp32 sums; this call computes output columns [n_begin, n_end).
  * Speed: torch's bf16 matmul reaches its best rate only from ~48 rows; below, a decode step's
- * product runs 0.5-0.8x of that (2 Zen 4 cores, 8192 x 2048: 16 rows 183 GFLOP/s, 4 rows 75). Here
- * vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums per instruction, on tiles of 4 activation
- * rows by 4 weight rows (16 accumulators in registers, 8 loads per 16 multiply-adds), weight rows
- * in blocks of 16 (in L2) reused by every row tile: 16 rows 254, 4 rows 105 GFLOP/s on that box.
+ * product runs at 0.2-0.6x of it (2 Zen 4 cores, 8192 x 2048: 16 rows 203-213 GFLOP/s, 4 rows 77-82).
+ * Here vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums per instruction, on tiles of 4
+ * activation rows by 4 weight rows (16 accumulators in registers, 8 loads per 16 multiply-adds),
+ * weight rows in blocks of 16 (in L2) reused by every row tile: 16 rows 240-247, 4 rows 92-128
+ * GFLOP/s on that box (tiles of 4 x 6, 6 x 4 and 8 x 3: within noise).
  * Each product pair is exact in fp32, so results differ from torch's only in summation order. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 static inline __attribute__((always_inline)) void bf16dp_tile(const uint16_t *w, const uint16_t *x, int64_t K,
