@@ -966,6 +966,7 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
  * exact there (8 significant bits); smaller ones move by at most 2^(e - 16), 1/256 of the bf16
  * rounding step of the largest value. sum(x) is taken from the exact values. */
 #if defined(__AVX2__) && defined(__FMA__)
+#define FG_INT4_X16 1  /* this build has fg_int4_matmul_x16's loop */
 /* 16 int32 values (two vectors, natural order) -> as int16: the 8 even ones, then the 8 odd ones */
 static inline __m128i split_even_odd(__m256i a, __m256i b, int odd) {
     const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* evens to the low half */
@@ -1081,15 +1082,11 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
         out[r] = _mm_cvtss_f32(h) + lo[r];
     }
 }
+#else
+#define FG_INT4_X16 0
 #endif
 
-int fg_int4_x16(void) {  /* 1 when this build has fg_int4_matmul_x16's loop */
-#if defined(__AVX2__) && defined(__FMA__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+int fg_int4_x16(void) { return FG_INT4_X16; }
 
 /* 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
 /* Weights given in `parts` pieces stacked along N (part p: its own packed codes and meta, rows[p] rows),
@@ -1098,7 +1095,7 @@ int fg_int4_x16(void) {  /* 1 when this build has fg_int4_matmul_x16's loop */
 int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta, const int64_t *rows, int parts,
                        const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy, int64_t group,
                        int64_t n_begin, int64_t n_end, int threads) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if FG_INT4_X16
     if (K % 128 || group % 64 || K % group || M < 1) return -1;
     const int64_t G = K / group, per = group / 64, C2 = K / 32;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
@@ -1206,37 +1203,6 @@ static inline void bf16_row_tile(const uint16_t *wrow, const float *x, int64_t K
 }
 #endif
 
-int fg_bf16_matmul(const uint16_t *w, const float *x, float *y, int64_t M, int64_t K, int64_t ldy,
-                   int64_t n_begin, int64_t n_end, int threads) {
-    if (K % 32 || M < 1) return -1;
-    /* Speed: weight rows in blocks of NB (NB K 2 bytes, in L2) reused by every tile of 4 activation
-     * rows, which stays in L1/L2; row by row over all tiles, the M rows' 4 M K bytes were re-read
-     * for every weight row: 1.2x at 8 rows, 1.3x at 16, 1.5x at 48 (8192 x 2048, 2 Zen 3 cores). */
-    const int64_t NB = 16, nblocks = (n_end - n_begin + NB - 1) / NB;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) \
-    if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
-#endif
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t nb0 = n_begin + b * NB, nb1 = nb0 + NB < n_end ? nb0 + NB : n_end;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int64_t mr = M - m < 4 ? M - m : 4;
-            for (int64_t n = nb0; n < nb1; n++) {
-                const uint16_t *wrow = w + n * K;
-                float out[4];
-                switch (mr) {  /* constant tile heights: the accumulators stay in registers */
-                    case 1: bf16_row_tile(wrow, x + m * K, K, 1, out); break;
-                    case 2: bf16_row_tile(wrow, x + m * K, K, 2, out); break;
-                    case 3: bf16_row_tile(wrow, x + m * K, K, 3, out); break;
-                    default: bf16_row_tile(wrow, x + m * K, K, 4, out); break;
-                }
-                for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
-            }
-        }
-    }
-    return 0;
-}
-
 /* ---- y = x @ w.T, all bf16, for CPUs that multiply bf16 in hardware (AVX512-BF16, no AMX) --------
  * w (N, K) bf16 with K a multiple of 32, x (M, K) bf16, y (M, N) bf16 (row stride ldy), rounded once
  * from fp32 sums; this call computes output columns [n_begin, n_end).
@@ -1248,6 +1214,7 @@ int fg_bf16_matmul(const uint16_t *w, const float *x, float *y, int64_t M, int64
  * GFLOP/s on that box (tiles of 4 x 6, 6 x 4 and 8 x 3: within noise).
  * Each product pair is exact in fp32, so results differ from torch's only in summation order. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define FG_BF16_DP 1  /* this build has fg_bf16_matmul_dp's loop */
 static inline __attribute__((always_inline)) void bf16dp_tile(const uint16_t *w, const uint16_t *x, int64_t K,
                                                                int mr, int nr, uint16_t *y, int64_t ldy) {
     __m512 acc[4][4];
@@ -1273,26 +1240,54 @@ static inline __attribute__((always_inline)) void bf16dp_tile(const uint16_t *w,
         case 3: bf16dp_tile(wr, xr, K, 3, NR, yr, ldy); break;            \
         default: bf16dp_tile(wr, xr, K, 4, NR, yr, ldy); break;           \
     }
+
+/* weight rows [nb0, nb1) against activation rows [m, m + mr), nr weight rows per tile */
+static __attribute__((noinline)) void bf16dp_block(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t K,
+                                                   int64_t ldy, int64_t nb0, int64_t nb1, int64_t m, int64_t mr,
+                                                   int64_t nr) {
+    for (int64_t n = nb0; n < nb1; n += nr) {
+        const uint16_t *wr = w + n * K, *xr = x + m * K;
+        uint16_t *yr = y + m * ldy + n;
+        switch (nb1 - n < nr ? nb1 - n : nr) {
+            case 1: BF16DP_ROWS(1) break;
+            case 2: BF16DP_ROWS(2) break;
+            case 3: BF16DP_ROWS(3) break;
+            default: BF16DP_ROWS(4) break;
+        }
+    }
+}
+#else
+#define FG_BF16_DP 0
 #endif
 
-int fg_bf16_dp(void) {  /* 1 when this build has fg_bf16_matmul_dp's loop */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
+int fg_bf16_dp(void) { return FG_BF16_DP; }
+
+/* the widening loop's share of bf16_blocks: weight rows [nb0, nb1) against activation rows [m, m + mr) */
+static __attribute__((noinline)) void bf16_widen_block(const uint16_t *w, const float *x, float *y, int64_t K,
+                                                       int64_t ldy, int64_t nb0, int64_t nb1, int64_t m, int64_t mr) {
+    for (int64_t n = nb0; n < nb1; n++) {
+        float out[4];
+        switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+            case 1: bf16_row_tile(w + n * K, x + m * K, K, 1, out); break;
+            case 2: bf16_row_tile(w + n * K, x + m * K, K, 2, out); break;
+            case 3: bf16_row_tile(w + n * K, x + m * K, K, 3, out); break;
+            default: bf16_row_tile(w + n * K, x + m * K, K, 4, out); break;
+        }
+        for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
+    }
 }
 
-/* 0 when done, 1 when this build has no such loop (see fg_bf16_dp), -1 on bad shapes. */
-int fg_bf16_matmul_dp(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy,
-                      int64_t n_begin, int64_t n_end, int threads) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+/* One schedule for both bf16 loops: weight rows in blocks of NB (NB K 2 bytes, in L2) reused by every
+ * tile of 4 activation rows, which stays in L1/L2, the blocks split across threads. Speed: row by row
+ * over all tiles, the M rows' 4 M K bytes were re-read for every weight row: 1.2x at 8 rows, 1.3x at
+ * 16, 1.5x at 48 (the widening loop, 8192 x 2048, 2 Zen 3 cores). dp: bf16 x and y through
+ * vdpbf16ps (only where FG_BF16_DP), else fp32 x and y through the widening loop. */
+static int bf16_blocks(const uint16_t *w, const void *x, void *y, int64_t M, int64_t K, int64_t ldy,
+                       int64_t n_begin, int64_t n_end, int threads, int dp) {
+    if (dp && !FG_BF16_DP) return 1;
     if (K % 32 || M < 1) return -1;
-    /* Speed: while the activations fit in half of L1 (M K <= 8192 values), one weight row at a time:
-     * a single sequential stream per thread, which the prefetcher follows (8192 x 2048, 2 rows 62-100
-     * vs 52-71 GFLOP/s with 4 weight rows interleaved, 4 rows 99-130 vs 103-119); beyond, tiles of 4
-     * weight rows reuse each activation load (K 8192, 4 rows: 106 vs 71 one row at a time). */
-    const int64_t NB = 16, nblocks = (n_end - n_begin + NB - 1) / NB, nr = M * K <= 8192 ? 1 : 4;
+    const int64_t NB = 16, nblocks = (n_end - n_begin + NB - 1) / NB;
+    (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
@@ -1301,23 +1296,34 @@ int fg_bf16_matmul_dp(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t
         const int64_t nb0 = n_begin + b * NB, nb1 = nb0 + NB < n_end ? nb0 + NB : n_end;
         for (int64_t m = 0; m < M; m += 4) {
             const int64_t mr = M - m < 4 ? M - m : 4;
-            for (int64_t n = nb0; n < nb1; n += nr) {
-                const uint16_t *wr = w + n * K, *xr = x + m * K;
-                uint16_t *yr = y + m * ldy + n;
-                switch (nb1 - n < nr ? nb1 - n : nr) {
-                    case 1: BF16DP_ROWS(1) break;
-                    case 2: BF16DP_ROWS(2) break;
-                    case 3: BF16DP_ROWS(3) break;
-                    default: BF16DP_ROWS(4) break;
-                }
+            /* Speed: each kind's tiles in a function of its own; inlined into one loop nest they
+             * ran 0.83-0.9x at 16-32 rows (vdpbf16ps, 2 Zen 4 cores) */
+#if FG_BF16_DP
+            if (dp) {
+                /* Speed: while the activations fit in half of L1 (M K <= 8192 values), one weight row
+                 * at a time: a single sequential stream per thread, which the prefetcher follows (8192 x
+                 * 2048, 2 rows 62-100 vs 52-71 GFLOP/s with 4 weight rows interleaved, 4 rows 99-130 vs
+                 * 103-119); beyond, tiles of 4 weight rows reuse each activation load (K 8192, 4 rows:
+                 * 106 vs 71 one row at a time). */
+                bf16dp_block(w, x, y, K, ldy, nb0, nb1, m, mr, M * K <= 8192 ? 1 : 4);
+                continue;
             }
+#endif
+            bf16_widen_block(w, x, y, K, ldy, nb0, nb1, m, mr);
         }
     }
     return 0;
-#else
-    (void)w; (void)x; (void)y; (void)M; (void)K; (void)ldy; (void)n_begin; (void)n_end; (void)threads;
-    return 1;
-#endif
+}
+
+int fg_bf16_matmul(const uint16_t *w, const float *x, float *y, int64_t M, int64_t K, int64_t ldy,
+                   int64_t n_begin, int64_t n_end, int threads) {
+    return bf16_blocks(w, x, y, M, K, ldy, n_begin, n_end, threads, 0);
+}
+
+/* 0 when done, 1 when this build has no such loop (see fg_bf16_dp), -1 on bad shapes. */
+int fg_bf16_matmul_dp(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy,
+                      int64_t n_begin, int64_t n_end, int threads) {
+    return bf16_blocks(w, x, y, M, K, ldy, n_begin, n_end, threads, 1);
 }
 
 int fg_openmp(void) {  /* 1 when built with OpenMP (fg_int4_matmul splits its own work) */
