@@ -111,10 +111,10 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_amx():
         # Speed: with AVX512-BF16, torch's kernel reaches its best rate only from ~48 rows, and reads
         # a one-row product's weight at half memory speed; the loop (same fp32 accumulation) runs
-        # 1.5-1.9x it at one row and 1.0-1.45x up to 32 rows (a decode step's). None beyond its rows. (AMX boxes keep
-        # torch's kernel: not measured against the loop.)
-        rows = BF16_DP_MAX_ROWS_NATIVE if x.dtype == torch.bfloat16 and kernels.bf16_dp() else BF16_LOOP_MAX_ROWS_NATIVE
-        y = kernels.bf16_matmul(weight, x, rows)
+        # 1.5-1.9x it at one row and 1.0-1.45x up to 32 rows (a decode step's). None beyond its
+        # rows. (AMX boxes keep torch's kernel: not measured against the loop.)
+        dp = x.dtype == torch.bfloat16 and kernels.bf16_dp()
+        y = kernels.bf16_matmul(weight, x, BF16_DP_MAX_ROWS_NATIVE if dp else BF16_LOOP_MAX_ROWS_NATIVE)
         if y is not None:
             return y.add_(bias) if bias is not None else y
     return F.linear(x, weight, bias)

@@ -334,7 +334,7 @@ def bf16_matmul(w, x, max_rows: int):
             or x.shape[-1] != k or not w.is_contiguous()):
         return None
     threads = max(1, torch.get_num_threads())
-    if x.dtype == torch.bfloat16 and lib.fg_bf16_dp():
+    if x.dtype == torch.bfloat16 and bf16_dp():  # the same answer layers.linear's row limit came from
         # Speed: reads and writes bf16 itself (no widened copy of x, no conversion of y)
         x2 = x.reshape(-1, k).contiguous()
         y = torch.empty(rows, n, dtype=torch.bfloat16)
