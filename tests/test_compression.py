@@ -603,6 +603,60 @@ def test_stacked_int4_weights_equal_one_weight_of_their_rows():
     assert C.GroupInt4Weight.stacked([parts[0], other]) is None
 
 
+def test_int4_k_slices_cut_k_into_whole_blocks_and_groups():
+    """GroupInt4Weight's K slices: whole rows below 8192 in-features; from there a slice of 2048-4096
+    values that cuts K into whole 128-value blocks and groups, else the shortest longer one."""
+    for k, g, want in ((4096, 64, 4096), (8064, 64, 8064), (8192, 64, 4096), (8192, 256, 4096),
+                       (14336, 64, 3584), (28672, 128, 4096), (11008, 64, 5504), (12288, 192, 3072),
+                       (8320, 64, 8320), (16384, 64, 4096)):
+        assert C.int4_k_slice(k, g) == want, (k, g)
+    for k in range(128, 40000, 128):
+        for g in (64, 128, 192, 256):
+            if k % g == 0:
+                ks = C.int4_k_slice(k, g)
+                assert k % ks == 0 and ks % 128 == 0 and ks % g == 0, (k, g, ks)
+                assert ks == k if k < 8192 else 2048 <= ks, (k, g, ks)
+
+
+def test_int4_weights_in_k_slices_equal_the_quantize_dequantize_reference(monkeypatch):
+    """From 8192 in-features GroupInt4Weight stores its codes slice-major: slice s of row n holds the
+    quantization of w[n, s ks:(s + 1) ks], in the same bytes as whole rows. Dequantized rows (a range
+    across the parts of a stacked weight), the fp32 and bf16 loops at 1-9 rows and the dequantizing
+    fallback all equal the quantize-dequantize reference of the dense weight."""
+    from flexgen_helm.engine import kernels
+    torch.manual_seed(13)
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=1)
+    k = 14336
+    ws = [torch.randn(r, k) * torch.logspace(-2, 1, k) for r in (24, 9)]
+    parts = [C.GroupInt4Weight.from_dense(w, cfg, torch.float32) for w in ws]
+    ks = parts[0].ks
+    assert ks == 3584
+    packed, meta = C.quantize(ws[0][5:6, 2 * ks:3 * ks], cfg)
+    row = 2 * 24 + 5  # slice 2 of row 5, slice-major
+    assert torch.equal(parts[0].packed[row * ks // 2:(row + 1) * ks // 2], packed)
+    assert torch.equal(parts[0].meta[row * ks // 32:(row + 1) * ks // 32], meta)
+    assert parts[0].packed.numel() + 2 * parts[0].meta.numel() == C.compressed_nbytes((24, k), cfg)
+    st = C.GroupInt4Weight.stacked(parts)
+    ref = torch.cat([C.fake_quantize(w, cfg) for w in ws])
+    for dt in (torch.float32, torch.bfloat16):
+        assert torch.equal(st.dequantize_rows_into(20, 30, torch.empty(10, k, dtype=dt)), ref[20:30].to(dt))
+        assert torch.equal(parts[1].dequantize_rows_into(0, 9, torch.empty(9, k, dtype=dt)), ref[24:].to(dt))
+    x3 = torch.randn(2, 3, k)
+    want3 = x3 @ ref.T
+    slow = _without_kernels(monkeypatch, lambda: st.matmul(x3))
+    assert torch.allclose(slow, want3, rtol=1e-4, atol=1e-3 * want3.abs().max().item())
+    if not kernels.available():
+        return
+    for dt in (torch.float32, torch.bfloat16):
+        for rows in (1, 2, 4, 5, 9):
+            x = torch.randn(rows, k).to(dt)
+            want = x.float() @ ref.T
+            got = st.matmul(x)
+            assert got.dtype == dt and got.shape == (rows, 33)
+            tol = 1e-4 if dt == torch.float32 else 2 ** -7
+            assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item()), (dt, rows)
+
+
 def test_few_row_bf16_linear_takes_the_loop_with_hardware_bf16_but_not_amx(monkeypatch):
     """With AVX512-BF16 and no AMX, bf16 products of up to BF16_DP_MAX_ROWS_NATIVE rows go through
     the compiled vdpbf16ps loop (1.1-1.7x torch's kernel there on a Zen 4 box), a build without that

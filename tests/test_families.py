@@ -205,6 +205,37 @@ def test_4bit_loop_weights_stacked_per_call_equal_the_quantized_reference(varian
     assert worst[1] <= worst[0] + 0.05, worst  # fixed-point activations: no worse than bf16 ones widened
 
 
+def test_4bit_loop_weights_in_k_slices_from_disk_equal_the_quantized_reference(tmp_path, monkeypatch):
+    """An MLP of 8192 intermediate features: its down projection (K = 8192) is stored in K slices
+    (compression.int4_k_slice) in the offload file and multiplied by the loop slice by slice, in fp32
+    and bf16; the answers equal HF with quantize-dequantize hooks (fp32 to fp32 noise)."""
+    from flexgen_helm.engine import compression as CC, config, kernels
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    d = build_tiny_family(str(tmp_path / "llama"), "llama", seed=5, tokenizer=False, hidden_size=128,
+                          intermediate_size=8192, head_dim=32)
+    monkeypatch.setattr(config, "cpu_has_amx", lambda: False)  # the loop's bf16 path on every CPU
+    seen = set()
+    real = kernels.int4_matmul
+    monkeypatch.setattr(kernels, "int4_matmul", lambda parts, x, k, g, ks: seen.add((k, ks)) or real(parts, x, k, g, ks))
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, compress_weight=True, int4_kernel="fused",
+                 **PLACEMENTS["all-disk"])
+    ref = hf_reference(d, PROMPTS, NEW, prepare=lambda hf: C.fake_quantize_model(hf, pol.comp_weight_config) and [])
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    C.fake_quantize_model(hf, pol.comp_weight_config)
+    for dtype in (torch.float32, torch.bfloat16):
+        seen.clear()
+        with Engine.from_pretrained(d, policy=pol, device="cpu", dtype=dtype, offload_dir=str(tmp_path)) as eng:
+            assert any(s.kind == CC.GroupInt4Weight.kind for s in eng.weights.layouts[1].slots)
+            res = eng.generate(PROMPTS, max_new_tokens=NEW)
+        assert (8192, 4096) in seen and (128, 128) in seen, seen
+        if dtype == torch.float32:
+            _assert_matches(res, ref)
+        else:
+            gap, worst = hf_gaps(hf, PROMPTS, res)
+            assert gap < 0.1 and worst < 0.5, (gap, worst)
+
+
 def test_bf16_cache_whose_block_is_not_whole_64_byte_lines(tmp_path):
     """A dense bf16 cache block of 3 rows x 3 KV heads x 24 dims x an odd capacity is not a multiple
     of 64 bytes; its allocation is rounded up and the block must view just its own bytes (crashed)."""

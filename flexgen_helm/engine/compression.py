@@ -449,15 +449,45 @@ class Int4Weight:
         return y.view(*x.shape[:-1], self.out_features)
 
 
+# Bumped whenever a stored byte layout changes: shared host-weight files are keyed by it, so a file
+# written by an older version is never read as the new layout.
+LAYOUT_VERSION = 2  # 2: GroupInt4Weight's K slices
+
+# Values per K slice of a GroupInt4Weight (int4_k_slice). Speed: the compiled loop keeps a tile's
+# 16-bit activations (2 bytes per value and row) in L1 while a block of weight rows streams past;
+# rows of K 8192 and more spilled them to L2. One activation row, 2 Zen 4 cores, codes laid out in
+# slices of 4096 vs whole rows: 2048 x 8192 1.11-1.19x, 1024 x 16384 1.32-1.47x; slices of 2048
+# lost (0.76-0.87x: more per-slice work, shorter streams), K 2048-4096 unsliced either way.
+INT4_K_SLICE = 4096
+
+
+def int4_k_slice(k: int, group: int) -> int:
+    """Slice length along K for a GroupInt4Weight with `k` in-features and groups of `group`: k
+    itself below 2 INT4_K_SLICE, else the longest slice of at most INT4_K_SLICE values (and at least
+    half that) that cuts k into whole 128-value blocks and groups, else the shortest longer one
+    (e.g. 8192 -> 4096, 14336 -> 3584, 28672 -> 4096, 11008 -> 5504)."""
+    unit = math.lcm(128, group)
+    if k < 2 * INT4_K_SLICE or k % unit:
+        return k
+    fits = [k // s for s in range(1, k // unit + 1) if k % s == 0 and (k // s) % unit == 0]
+    near = [ks for ks in fits if INT4_K_SLICE // 2 <= ks <= INT4_K_SLICE]
+    return max(near) if near else min(ks for ks in fits if ks > INT4_K_SLICE)
+
+
 class GroupInt4Weight:
     """A 4-bit (out, in) weight in this module's own [packed | meta] format (groups along in),
     multiplied where it lies by the compiled loop (kernels.int4_matmul): the fused path for fp32
     activations, where torch's fused kernel takes a scalar path. The format is the same on every
-    CPU, so nothing is repacked. Without the compiled loop it dequantizes per call (slow, correct)."""
+    CPU, so nothing is repacked. Without the compiled loop it dequantizes per call (slow, correct).
+
+    Layout: the in-features are cut into slices of `ks` values (int4_k_slice; one slice, i.e. plain
+    rows, below 8192) and stored slice-major: the [packed | meta] quantization of the (S out, ks)
+    matrix whose rows are slice 0 of every output row, then slice 1, ... (same groups, same codes)."""
     kind = "int4"  # placement slot kind
 
     def __init__(self, buf: torch.Tensor, shape, cfg: CompressionConfig, dtype: torch.dtype):
         self.shape, self.cfg, self.dtype = tuple(shape), cfg, dtype
+        self.ks = int4_k_slice(self.shape[1], cfg.group_size)
         pb = packed_nbytes(self.shape, cfg)
         self.packed = buf[:pb]
         self.meta = buf[pb:pb + _META_BYTES * meta_numel(self.shape, cfg)].view(META_DTYPE)
@@ -473,7 +503,7 @@ class GroupInt4Weight:
             return None
         out = cls.__new__(cls)
         out.shape = (sum(w.shape[0] for w in weights), first.shape[1])
-        out.cfg, out.dtype = first.cfg, first.dtype
+        out.cfg, out.dtype, out.ks = first.cfg, first.dtype, first.ks
         out.packed = out.meta = None  # see parts
         out.parts = [p for w in weights for p in w.parts]
         return out
@@ -488,17 +518,24 @@ class GroupInt4Weight:
         return compressed_nbytes(shape, cfg)
 
     @staticmethod
+    def _slice_major(x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
+        """(out, in) -> the (S out, ks) matrix this class quantizes (x itself when S = 1)."""
+        n, k = x.shape
+        ks = int4_k_slice(k, cfg.group_size)
+        return x if ks == k else x.reshape(n, k // ks, ks).transpose(0, 1).reshape(-1, ks)
+
+    @staticmethod
     def write(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out: torch.Tensor) -> None:
-        to_buffer(x, cfg, out=out)
+        to_buffer(GroupInt4Weight._slice_major(x, cfg), cfg, out=out)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype) -> "GroupInt4Weight":
-        return cls(to_buffer(w, cfg), tuple(w.shape), cfg, dtype)
+        return cls(to_buffer(cls._slice_major(w, cfg), cfg), tuple(w.shape), cfg, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> x @ w.T (..., out) in x's dtype."""
         n, k = self.shape
-        y = kernels.int4_matmul(self.parts, x, k, self.cfg.group_size)
+        y = kernels.int4_matmul(self.parts, x, k, self.cfg.group_size, self.ks)
         if y is None:
             w = torch.empty(n, k, dtype=x.dtype)
             y = x @ self.dequantize_rows_into(0, n, w).T
@@ -506,15 +543,21 @@ class GroupInt4Weight:
 
     def dequantize_rows_into(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
         """Output rows [a, b) of the weight dequantized into `out` ((b - a, in), fp32 or bf16): each
-        row owns its own span of codes and scales (groups along in), so rows slice cleanly."""
-        k, start = self.shape[1], 0
+        row owns its own span of codes and scales in every slice (groups along in), so rows slice
+        cleanly; a slice of rows lands in its columns of `out` in one pass."""
+        k, ks, start = self.shape[1], self.ks, 0
         for packed, meta, rows in self.parts:
             lo, hi = max(a, start), min(b, start + rows)
             if lo < hi:
-                per_row = meta.numel() // rows
-                i, j = lo - start, hi - start
-                dequantize(packed[i * k // 2:j * k // 2], meta[i * per_row:j * per_row], (j - i, k), self.cfg,
-                           out.dtype, out=out[lo - a:hi - a])
+                per_row = meta.numel() // (rows * (k // ks))  # meta values per row of one slice
+                for s in range(k // ks):
+                    i, j = s * rows + lo - start, s * rows + hi - start
+                    p, m = packed[i * ks // 2:j * ks // 2], meta[i * per_row:j * per_row]
+                    dst = out[lo - a:hi - a, s * ks:(s + 1) * ks]
+                    if dst.is_contiguous():
+                        dequantize(p, m, (j - i, ks), self.cfg, out.dtype, out=dst)
+                    elif not dequantize_transposed(p, m, dst, (0,), self.cfg):
+                        dst.copy_(dequantize(p, m, (j - i, ks), self.cfg, out.dtype))
             start += rows
         return out
 

@@ -120,7 +120,8 @@ class WeightStore:
             raise ValueError("shared host weights need the weights' identity (source_id)")
         # everything that decides the bytes: weights, dtype, placement, compression, kernel layout
         key = shared_key([source_id, str(self.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                          self.layouts, self.segments, self.policy.compress_weight, self.policy.comp_weight_config])
+                          compression.LAYOUT_VERSION, self.layouts, self.segments, self.policy.compress_weight,
+                          self.policy.comp_weight_config])
         self.tiers.stats["cpu"].reserve(total, "shared host weights")  # mapped pages are host memory
         shared = SharedHostFile(shared_dir, key, total)
         self.tiers.on_close.append(shared.close)

@@ -115,9 +115,9 @@ def _library():
     lib.fg_attend_dense_mt.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, c_int,
                                        ctypes.c_float, c_int]
     lib.fg_int4_matmul.restype = c_int
-    lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
+    lib.fg_int4_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_int4_matmul_x16.restype = c_int
-    lib.fg_int4_matmul_x16.argtypes = [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, i64, i64, i64, i64, c_int]
+    lib.fg_int4_matmul_x16.argtypes = [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul.restype = c_int
     lib.fg_bf16_matmul.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul_dp.restype = c_int
@@ -264,11 +264,12 @@ def int4_matmul_ok(shape, group: int) -> bool:
     return k % 128 == 0 and group % 64 == 0 and k % group == 0
 
 
-def int4_matmul(parts, x, k: int, group: int):
-    """x (..., K) @ w.T for a 4-bit asymmetric (N, K) weight in compression.py's format (groups of
-    `group` along K), given as parts stacked along N: [(packed, meta, rows), ...] (one part, or e.g.
-    q, k and v). The C loop reads the codes where they lie, never a dequantized copy. Returns
-    (..., N) in x's dtype (fp32 accumulation), or None when it cannot (the caller dequantizes)."""
+def int4_matmul(parts, x, k: int, group: int, ks: int):
+    """x (..., K) @ w.T for a 4-bit asymmetric (N, K) weight in compression.GroupInt4Weight's format
+    (groups of `group` along K, K in slices of `ks` values, slice-major), given as parts stacked
+    along N: [(packed, meta, rows), ...] (one part, or e.g. q, k and v). The C loop reads the codes
+    where they lie, never a dequantized copy. Returns (..., N) in x's dtype (fp32 accumulation), or
+    None when it cannot (the caller dequantizes)."""
     import torch
     lib = _library()
     n = sum(r for _, _, r in parts)
@@ -290,7 +291,7 @@ def int4_matmul(parts, x, k: int, group: int):
                 (ctypes.c_int64 * np_)(*[r for _, _, r in parts]))
 
         def call(b: int, e: int, t: int) -> int:
-            return lib.fg_int4_matmul_x16(*ptrs, np_, x2.data_ptr(), y.data_ptr(), m, k, n, group, b, e, t)
+            return lib.fg_int4_matmul_x16(*ptrs, np_, x2.data_ptr(), y.data_ptr(), m, k, n, group, ks, b, e, t)
     else:  # fp32 activations keep their 24 bits in the fp32 loop (bf16 ones are widened once), per part
         x2 = x.reshape(-1, k).to(torch.float32).contiguous()
         m = x2.shape[0]
@@ -303,7 +304,7 @@ def int4_matmul(parts, x, k: int, group: int):
                 lo, hi = max(b, s0), min(e, s0 + r)
                 if lo < hi:
                     rc |= lib.fg_int4_matmul(pk.data_ptr(), mt.data_ptr(), x2.data_ptr(), y.data_ptr() + 4 * s0,
-                                             m, k, n, group, lo - s0, hi - s0, t)
+                                             m, k, r, n, group, ks, lo - s0, hi - s0, t)
             return rc
     if lib.fg_openmp():  # split inside, on torch's OpenMP pool
         ok = call(0, n, threads) == 0

@@ -827,9 +827,10 @@ int fg_attend_dense_mt(const void *k, const void *v, int64_t sb, int64_t sh, int
 
 /* ---- y = x @ w.T straight from 4-bit weights ---------------------------------------------------
  * w (N, K): 4-bit asymmetric codes of compression.py's format with groups of `group` (a multiple of
- * 64) along K, K a multiple of 128, so row n owns the K / 2 bytes at packed + n K / 2 and its
- * (lo, step) pairs at meta + 2 n K / group. x (M, K) fp32, y (M, N) fp32 with row stride ldy; this
- * call computes output columns [n_begin, n_end).
+ * 64) along K, K a multiple of 128, stored in S = K / ks slices of ks values (compression.int4_k_slice;
+ * S = 1 for most shapes): slice s of row n owns the ks / 2 bytes at packed + (s N + n) ks / 2 and its
+ * (lo, step) pairs at meta + 2 (s N + n) ks / group. x (M, K) fp32, y (M, N) fp32 with row stride
+ * ldy; this call computes output columns [n_begin, n_end).
  * Speed: a decode step multiplies 1-16 rows by each weight, where the matmul is bound by reading
  * the weights; torch's fused CPU kernel runs ~11 G weights/s on 2 AVX2 cores at one row, about
  * what dense bf16 reaches from memory. Here each weight is read once as a nibble, widened and
@@ -838,7 +839,7 @@ int fg_attend_dense_mt(const void *k, const void *v, int64_t sb, int64_t sh, int
  * multiply-add latency. fp32 throughout: activations in bf16 are widened once per call. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void int4_row_tile(
-        const uint8_t *prow, const float *mrow, const float *x, int64_t K, int mr, float *out) {
+        const uint8_t *prow, const float *mrow, const float *x, int64_t K, int64_t ldx, int mr, float *out) {
     const __m256i m15 = _mm256_set1_epi32(15);
     const int na = mr <= 2 ? 4 : 2;  /* accumulators per row: enough independent chains to hide latency */
     __m256 acc[4][4];
@@ -857,8 +858,8 @@ static inline __attribute__((always_inline)) void int4_row_tile(
                 __m256 wb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), stB, loB);
                 const float *xa = x + k0 + j + 8 * h;
                 for (int r = 0; r < mr; r++) {
-                    acc[r][a] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xa + r * K), acc[r][a]);
-                    acc[r][a + 1] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xa + r * K + 64), acc[r][a + 1]);
+                    acc[r][a] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xa + r * ldx), acc[r][a]);
+                    acc[r][a + 1] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xa + r * ldx + 64), acc[r][a + 1]);
                 }
             }
     }
@@ -872,8 +873,8 @@ static inline __attribute__((always_inline)) void int4_row_tile(
     }
 }
 #else
-static inline void int4_row_tile(const uint8_t *prow, const float *mrow, const float *x, int64_t K, int mr,
-                                 float *out) {
+static inline void int4_row_tile(const uint8_t *prow, const float *mrow, const float *x, int64_t K, int64_t ldx,
+                                 int mr, float *out) {
     for (int r = 0; r < mr; r++) {
         float acc[16] = {0};  /* independent lanes, as in dot() */
         for (int64_t k0 = 0; k0 < K; k0 += 128) {
@@ -882,7 +883,7 @@ static inline void int4_row_tile(const uint8_t *prow, const float *mrow, const f
             for (int j = 0; j < 64; j++) {
                 float wa = (float)(blk[j] & 15) * mA[1] + mA[0];
                 float wb = (float)(blk[j] >> 4) * mB[1] + mB[0];
-                acc[j & 15] += wa * x[r * K + k0 + j] + wb * x[r * K + k0 + 64 + j];
+                acc[j & 15] += wa * x[r * ldx + k0 + j] + wb * x[r * ldx + k0 + 64 + j];
             }
         }
         float s = 0.0f;
@@ -910,21 +911,26 @@ static void meta_row(const uint16_t *m, int64_t G, int64_t per, float *mrow) {
         }
 }
 
+static int bad_slices(int64_t K, int64_t group, int64_t ks) {
+    return K % 128 || group % 64 || K % group || ks < 1 || K % ks || ks % 128 || ks % group;
+}
+
 int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, float *y, int64_t M, int64_t K,
-                   int64_t ldy, int64_t group, int64_t n_begin, int64_t n_end, int threads) {
-    if (K % 128 || group % 64 || K % group || M < 1) return -1;
-    const int64_t G = K / group, per = group / 64;
+                   int64_t N, int64_t ldy, int64_t group, int64_t ks, int64_t n_begin, int64_t n_end, int threads) {
+    if (bad_slices(K, group, ks) || M < 1 || n_end > N) return -1;
+    const int64_t S = K / ks, Gs = ks / group, per = group / 64;
     int failed = 0;
     /* Speed: OpenMP, so the work runs on torch's own thread pool (the process has one libgomp:
      * torch's) instead of Python threads that would contend with its idle-spinning workers. Weight
      * rows in blocks of NB (codes in L2) reused by every tile of 4 activation rows, as in the loops
      * below. */
-    const int64_t NB = 32, nblocks = (n_end - n_begin + NB - 1) / NB;
+    enum { NB = 32 };
+    const int64_t nblocks = (n_end - n_begin + NB - 1) / NB;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
 #endif
     {
-        float *mrow = malloc(sizeof(float) * (size_t)(K / 32));  /* (lo, step) per 64 codes, as fp32 */
+        float *mrow = malloc(sizeof(float) * (size_t)(ks / 32));  /* (lo, step) per 64 codes, as fp32 */
         if (!mrow) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -934,18 +940,23 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
             const int64_t nb0 = n_begin + b * NB, nb1 = nb0 + NB < n_end ? nb0 + NB : n_end;
             for (int64_t m = 0; m < M; m += 4) {
                 const int64_t mr = M - m < 4 ? M - m : 4;
-                for (int64_t n = nb0; n < nb1; n++) {
-                    const uint8_t *prow = packed + n * (K / 2);
-                    float out[4];
-                    meta_row(meta + n * G * 2, G, per, mrow);
-                    switch (mr) {  /* constant tile heights: the accumulators stay in registers */
-                        case 1: int4_row_tile(prow, mrow, x + m * K, K, 1, out); break;
-                        case 2: int4_row_tile(prow, mrow, x + m * K, K, 2, out); break;
-                        case 3: int4_row_tile(prow, mrow, x + m * K, K, 3, out); break;
-                        default: int4_row_tile(prow, mrow, x + m * K, K, 4, out); break;
+                float acc[NB][4];  /* [n - nb0][r]: sums over the slices */
+                for (int64_t s = 0; s < S; s++)
+                    for (int64_t n = nb0; n < nb1; n++) {
+                        const uint8_t *prow = packed + (s * N + n) * (ks / 2);
+                        const float *xs = x + m * K + s * ks;
+                        float out[4];
+                        meta_row(meta + (s * N + n) * Gs * 2, Gs, per, mrow);
+                        switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+                            case 1: int4_row_tile(prow, mrow, xs, ks, K, 1, out); break;
+                            case 2: int4_row_tile(prow, mrow, xs, ks, K, 2, out); break;
+                            case 3: int4_row_tile(prow, mrow, xs, ks, K, 3, out); break;
+                            default: int4_row_tile(prow, mrow, xs, ks, K, 4, out); break;
+                        }
+                        for (int64_t r = 0; r < mr; r++) acc[n - nb0][r] = s ? acc[n - nb0][r] + out[r] : out[r];
                     }
-                    for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = out[r];
-                }
+                for (int64_t n = nb0; n < nb1; n++)
+                    for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = acc[n - nb0][r];
             }
         }
         free(mrow);
@@ -1012,23 +1023,24 @@ static void int16_rows(const uint16_t *x, int64_t M, int64_t K, int16_t *xq, flo
         }
 }
 
-/* pr = mrow * xc for mr rows: (lo sum(x), step scale) per chunk; returns per row the sum of the
+/* pr = mrow * xc for mr rows (C chunks each, xc's rows ldc floats apart): (lo sum(x), step scale) per
+ * chunk; returns per row the sum of the
  * lo sum(x) terms. Speed: once per weight row and tile, so the block loop below multiplies each
  * chunk's integer dot by one broadcast value instead of forming it (2 of ~11 operations per chunk). */
 static inline __attribute__((always_inline)) void chunk_factors(const float *mrow, const float *xc, int64_t C,
-                                                                int mr, float *pr, float *lo_out) {
+                                                                int64_t ldc, int mr, float *pr, float *lo_out) {
     const __m256 even = _mm256_castsi256_ps(_mm256_set_epi32(0, -1, 0, -1, 0, -1, 0, -1));
     for (int r = 0; r < mr; r++) {
         __m256 lo = _mm256_setzero_ps();
         int64_t g = 0;
         for (; g + 8 <= 2 * C; g += 8) {
-            const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(mrow + g), _mm256_loadu_ps(xc + r * 2 * C + g));
+            const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(mrow + g), _mm256_loadu_ps(xc + r * ldc + g));
             _mm256_storeu_ps(pr + r * 2 * C + g, p);
             lo = _mm256_add_ps(lo, _mm256_and_ps(p, even));
         }
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1));
         if (g < 2 * C) {  /* 2C is a multiple of 4 */
-            const __m128 p = _mm_mul_ps(_mm_loadu_ps(mrow + g), _mm_loadu_ps(xc + r * 2 * C + g));
+            const __m128 p = _mm_mul_ps(_mm_loadu_ps(mrow + g), _mm_loadu_ps(xc + r * ldc + g));
             _mm_storeu_ps(pr + r * 2 * C + g, p);
             h = _mm_add_ps(h, _mm_and_ps(p, _mm256_castps256_ps128(even)));
         }
@@ -1048,7 +1060,8 @@ static inline __attribute__((always_inline)) void chunk_factors(const float *mro
 #define X16_TILE 2
 #endif
 static inline __attribute__((always_inline)) void int4_x16_tile(
-        const uint8_t *prow, const float *pr, const float *lo, const int16_t *xq, int64_t K, int mr, float *out) {
+        const uint8_t *prow, const float *pr, const float *lo, const int16_t *xq, int64_t K, int64_t ldx, int mr,
+        float *out) {
     const __m256i m15 = _mm256_set1_epi16(15);
     const int64_t C2 = K / 32;  /* floats per row of pr */
     __m256 fa[X16_TILE], fb[X16_TILE];
@@ -1063,7 +1076,7 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
                 const __m256i a0 = _mm256_and_si256(part ? _mm256_srli_epi16(c, 4) : c, m15);
                 const __m256i a1 = part ? _mm256_srli_epi16(c, 12) : _mm256_and_si256(_mm256_srli_epi16(c, 8), m15);
                 for (int r = 0; r < mr; r++) {
-                    const __m256i *xp = (const __m256i *)(xq + r * K + k0 + 64 * h) + 2 * part;
+                    const __m256i *xp = (const __m256i *)(xq + r * ldx + k0 + 64 * h) + 2 * part;
                     ia[r] = _mm256_add_epi32(ia[r], _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256(xp)),
                                                                      _mm256_madd_epi16(a1, _mm256_loadu_si256(xp + 1))));
                 }
@@ -1088,30 +1101,32 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
 
 int fg_int4_x16(void) { return FG_INT4_X16; }
 
-/* 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
 /* Weights given in `parts` pieces stacked along N (part p: its own packed codes and meta, rows[p] rows),
  * e.g. q, k and v: one call, one activation prep and one thread split for all of them.
  * 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
 int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta, const int64_t *rows, int parts,
                        const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy, int64_t group,
-                       int64_t n_begin, int64_t n_end, int threads) {
+                       int64_t ks, int64_t n_begin, int64_t n_end, int threads) {
 #if FG_INT4_X16
-    if (K % 128 || group % 64 || K % group || M < 1) return -1;
-    const int64_t G = K / group, per = group / 64, C2 = K / 32;
+    if (bad_slices(K, group, ks) || M < 1) return -1;
+    const int64_t S = K / ks, Gs = ks / group, per = group / 64, C2 = K / 32, Cs = ks / 64;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
     float *xc = malloc(sizeof(float) * (size_t)(M * C2));
     int failed = !xq || !xc;
     if (!failed) int16_rows(x, M, K, xq, xc);
     /* Speed: weight rows in blocks of NB, each block's codes (NB K / 2 bytes) reused from L2 by every
      * tile of activation rows, which stays in L1; row by row over all tiles, the M rows' 2 M K bytes
-     * were re-read from L2 for every weight row (16 rows: 11% slower). */
-    const int64_t NB = 32, nblocks = (n_end - n_begin + NB - 1) / NB;
+     * were re-read from L2 for every weight row (16 rows: 11% slower). With K in slices (see
+     * fg_int4_matmul), each slice's activations (2 X16_TILE ks bytes) stay in L1 for all the block's
+     * rows and each slice's codes stream in order. */
+    enum { NB = 32 };
+    const int64_t nblocks = (n_end - n_begin + NB - 1) / NB;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1 && M * (n_end - n_begin) * K >= (1 << 20))
 #endif
     {
         /* per thread: the row's (lo, step) pairs, then a tile's chunk factors */
-        float *mrow = failed ? NULL : malloc(sizeof(float) * (size_t)((1 + X16_TILE) * C2));
+        float *mrow = failed ? NULL : malloc(sizeof(float) * (size_t)((1 + X16_TILE) * 2 * Cs));
         if (!mrow) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -1119,28 +1134,36 @@ int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta
         for (int64_t b = 0; b < nblocks; b++) {
             if (!mrow) continue;
             const int64_t nb0 = n_begin + b * NB, nb1 = nb0 + NB < n_end ? nb0 + NB : n_end;
-            float *pr = mrow + C2;
+            float *pr = mrow + 2 * Cs;
             for (int64_t m = 0; m < M; m += X16_TILE) {
                 const int64_t mr = M - m < X16_TILE ? M - m : X16_TILE;
                 const int16_t *xm = xq + m * K;
                 const float *cm = xc + m * C2;
-                int p = 0;
-                int64_t base = 0;  /* first row of part p */
-                for (int64_t n = nb0; n < nb1; n++) {
-                    while (p < parts - 1 && n >= base + rows[p]) base += rows[p++];
-                    const uint8_t *prow = packed[p] + (n - base) * (K / 2);
-                    float out[X16_TILE], lo[X16_TILE];
-                    meta_row(meta[p] + (n - base) * G * 2, G, per, mrow);
-                    switch (mr) {  /* constant tile heights: the accumulators stay in registers */
-                        case 1: chunk_factors(mrow, cm, C2 / 2, 1, pr, lo); int4_x16_tile(prow, pr, lo, xm, K, 1, out); break;
-                        case 2: chunk_factors(mrow, cm, C2 / 2, 2, pr, lo); int4_x16_tile(prow, pr, lo, xm, K, 2, out); break;
+                float acc[NB][X16_TILE];  /* [n - nb0][r]: sums over the slices */
+                for (int64_t s = 0; s < S; s++) {
+                    const int16_t *xs = xm + s * ks;
+                    const float *cs = cm + s * 2 * Cs;
+                    int p = 0;
+                    int64_t base = 0;  /* first row of part p */
+                    for (int64_t n = nb0; n < nb1; n++) {
+                        while (p < parts - 1 && n >= base + rows[p]) base += rows[p++];
+                        const int64_t row = s * rows[p] + n - base;  /* slice-major within the part */
+                        const uint8_t *prow = packed[p] + row * (ks / 2);
+                        float out[X16_TILE], lo[X16_TILE];
+                        meta_row(meta[p] + row * Gs * 2, Gs, per, mrow);
+                        switch (mr) {  /* constant tile heights: the accumulators stay in registers */
+                            case 1: chunk_factors(mrow, cs, Cs, C2, 1, pr, lo); int4_x16_tile(prow, pr, lo, xs, ks, K, 1, out); break;
+                            case 2: chunk_factors(mrow, cs, Cs, C2, 2, pr, lo); int4_x16_tile(prow, pr, lo, xs, ks, K, 2, out); break;
 #if X16_TILE > 2
-                        case 3: chunk_factors(mrow, cm, C2 / 2, 3, pr, lo); int4_x16_tile(prow, pr, lo, xm, K, 3, out); break;
-                        default: chunk_factors(mrow, cm, C2 / 2, 4, pr, lo); int4_x16_tile(prow, pr, lo, xm, K, 4, out); break;
+                            case 3: chunk_factors(mrow, cs, Cs, C2, 3, pr, lo); int4_x16_tile(prow, pr, lo, xs, ks, K, 3, out); break;
+                            default: chunk_factors(mrow, cs, Cs, C2, 4, pr, lo); int4_x16_tile(prow, pr, lo, xs, ks, K, 4, out); break;
 #endif
+                        }
+                        for (int64_t r = 0; r < mr; r++) acc[n - nb0][r] = s ? acc[n - nb0][r] + out[r] : out[r];
                     }
-                    for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = float_to_bf16(out[r]);
                 }
+                for (int64_t n = nb0; n < nb1; n++)
+                    for (int64_t r = 0; r < mr; r++) y[(m + r) * ldy + n] = float_to_bf16(acc[n - nb0][r]);
             }
         }
         free(mrow);
@@ -1150,7 +1173,7 @@ int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta
     return failed ? -1 : 0;
 #else
     (void)packed; (void)meta; (void)rows; (void)parts; (void)x; (void)y; (void)M; (void)K; (void)ldy; (void)group;
-    (void)n_begin; (void)n_end; (void)threads;
+    (void)ks; (void)n_begin; (void)n_end; (void)threads;
     return 1;
 #endif
 }
