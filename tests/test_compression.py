@@ -549,18 +549,20 @@ def test_int4_matmul_on_bf16_activations_is_within_its_fixed_point_bound(monkeyp
     """bf16 activations go through the 16-bit fixed-point loop: per 64 values a power-of-two scale,
     so values within 2^7 of the group's largest are exact and smaller ones move by at most 2^(e-16)
     (max |x| < 2^e). The product must stay within that bound plus the output's bf16 rounding, with
-    activations spanning 2^-30..2^6 inside each group, all-zero groups, 1-9 rows, K up to 8320 and
-    groups of 192; and equal the fp32 loop's answer where the build has no such loop."""
+    activations spanning 2^-30..2^6 inside each group, all-zero groups, 1-9 rows (those below
+    kernels.int4_dq_min_rows where the build has that path), K up to 8320 and groups of 192; and
+    equal the fp32 loop's answer where the build has no such loop."""
     from flexgen_helm.engine import kernels
     if not kernels.available() or not kernels._library().fg_int4_x16():
         pytest.skip("no compiled AVX2 loop here")
+    dq = kernels.int4_dq_min_rows()
     torch.manual_seed(11)
     for (n, k), gs in (((96, 384), 64), ((40, 256), 128), ((520, 1152), 64), ((24, 8320), 64), ((20, 4992), 192)):
         cfg = CompressionConfig(num_bits=4, group_size=gs, group_dim=1)
         assert C.GroupInt4Weight.ok((n, k), cfg)
         wq = C.GroupInt4Weight.from_dense(torch.randn(n, k) * torch.logspace(-2, 1, k), cfg, torch.bfloat16)
         ref_w = C.dequantize(wq.packed, wq.meta, (n, k), cfg, torch.float32)
-        for rows in (1, 2, 3, 4, 5, 9):
+        for rows in [r for r in (1, 2, 3, 4, 5, 9) if not dq or r < dq]:
             x = (torch.randn(rows, k) * 2.0 ** torch.randint(-30, 6, (rows, k)).float()).bfloat16()
             x[0, 64:128] = 0  # a group with nothing in it
             want = x.float() @ ref_w.T
@@ -576,6 +578,33 @@ def test_int4_matmul_on_bf16_activations_is_within_its_fixed_point_bound(monkeyp
     wq = C.GroupInt4Weight.from_dense(torch.randn(96, 384), cfg, torch.bfloat16)
     ref = x.float() @ C.dequantize(wq.packed, wq.meta, (96, 384), cfg, torch.float32).T
     assert torch.allclose(wq.matmul(x).float(), ref, rtol=2 ** -7, atol=1e-3)
+
+
+def test_int4_matmul_of_several_bf16_rows_multiplies_the_weights_rounded_to_bf16():
+    """Where the build has it (AVX512-BF16), int4_matmul takes kernels.int4_dq_min_rows rows and more
+    through bf16 blocks of the weight: the product equals x @ w.T with each dequantized weight rounded
+    once to bf16, fp32 sums and the output rounded once. Row counts around the tiles and the 512-row
+    chunks, weight rows around the 32-row blocks, K in slices and whole, groups of 64, 128 and 192,
+    a stacked weight of three parts."""
+    from flexgen_helm.engine import kernels
+    dq = kernels.int4_dq_min_rows() if kernels.available() else 0
+    if not dq:
+        pytest.skip("no bf16-block path in this build (needs AVX512-BF16)")
+    torch.manual_seed(14)
+    for sizes, k, gs in (((96,), 384, 64), ((40, 8, 19), 256, 128), ((33,), 8192, 64), ((20,), 4992, 192)):
+        cfg = CompressionConfig(num_bits=4, group_size=gs, group_dim=1)
+        parts = [C.GroupInt4Weight.from_dense(torch.randn(n, k) * torch.logspace(-2, 1, k), cfg, torch.bfloat16)
+                 for n in sizes]
+        wq = C.GroupInt4Weight.stacked(parts) if len(parts) > 1 else parts[0]
+        n = wq.shape[0]
+        w_b = wq.dequantize_rows_into(0, n, torch.empty(n, k)).bfloat16().float()
+        for rows in (dq, dq + 1, 13, 36, 515):
+            x = (torch.randn(rows, k) * 2.0 ** torch.randint(-8, 4, (rows, k)).float()).bfloat16()
+            got = wq.matmul(x)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            want = x.float() @ w_b.T
+            bound = want.abs() * 2 ** -8 + 1e-5 * (x.float().abs() @ w_b.abs().T)
+            assert ((got.float() - want).abs() <= bound).all(), (sizes, k, gs, rows)
 
 
 def test_stacked_int4_weights_equal_one_weight_of_their_rows():

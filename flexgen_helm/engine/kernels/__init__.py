@@ -123,6 +123,7 @@ def _library():
     lib.fg_bf16_matmul_dp.restype = c_int
     lib.fg_bf16_matmul_dp.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.fg_openmp.restype = lib.fg_int4_x16.restype = lib.fg_bf16_dp.restype = c_int
+    lib.fg_int4_dq_min_rows.restype = c_int
     return lib
 
 
@@ -313,6 +314,14 @@ def int4_matmul(parts, x, k: int, group: int, ks: int):
     if not ok:
         return None
     return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+@lru_cache(maxsize=1)
+def int4_dq_min_rows() -> int:
+    """Rows from which int4_matmul multiplies bf16 activations through bf16 blocks of the weight
+    (dequantized in cache, then vdpbf16ps: AVX512-BF16 builds); 0 where it has no such path."""
+    lib = _library()
+    return int(lib.fg_int4_dq_min_rows()) if lib is not None else 0
 
 
 @lru_cache(maxsize=1)
