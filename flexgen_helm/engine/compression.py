@@ -574,8 +574,9 @@ def fused_int4(dtype_bytes: int) -> type[Int4Weight] | type[GroupInt4Weight]:
     from memory: 2 Zen 3 cores (bf16 emulated) 33 vs 20 at one row, on par at 256; 2 Zen 4 cores
     (AVX512-BF16, no AMX) 106 vs 75 at one row, 158 vs 120 at 2, 153 vs 169 at 4, 159-189 vs
     165-171 at 8-128, and in a slower hour 66-79 vs 63-64 at one row but 110-137 vs 134-146 at 4-32
-    (the loop leads at one row in every hour measured; beyond layers.int4_loop_max_rows the loop's
-    weights are dequantized per call)."""
+    (the loop leads at one row in every hour measured). From kernels.int4_dq_min_rows rows, AVX512-BF16
+    builds multiply bf16 blocks of the weight instead (255-269 GFLOP/s at 16 rows, 406-411 at 256);
+    beyond layers.int4_loop_max_rows the weights are dequantized per call."""
     from .config import cpu_has_amx
     if kernels.available() and (dtype_bytes == 4 or (dtype_bytes == 2 and not cpu_has_amx())):
         return GroupInt4Weight
