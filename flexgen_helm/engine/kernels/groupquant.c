@@ -1265,21 +1265,32 @@ static inline void bf16_row_tile(const uint16_t *wrow, const float *x, int64_t K
  * Each product pair is exact in fp32, so results differ from torch's only in summation order. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define FG_BF16_DP 1  /* this build has fg_bf16_matmul_dp's loop */
-static inline __attribute__((always_inline)) void bf16dp_tile(const uint16_t *w, const uint16_t *x, int64_t K,
-                                                               int mr, int nr, uint16_t *y, int64_t ldy) {
+/* sums[r][c] = x row r . w row c over K values: mr activation rows (ldx apart) by nr weight rows (ldw
+ * apart), the tile both bf16-block loops share */
+static inline __attribute__((always_inline)) void bf16dp_sums(const uint16_t *w, int64_t ldw, const uint16_t *x,
+                                                               int64_t ldx, int64_t K, int mr, int nr,
+                                                               float sums[4][4]) {
     __m512 acc[4][4];
     for (int r = 0; r < mr; r++)
         for (int c = 0; c < nr; c++) acc[r][c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __m512bh wv[4];
-        for (int c = 0; c < nr; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * K + k);
+        for (int c = 0; c < nr; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw + k);
         for (int r = 0; r < mr; r++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
             for (int c = 0; c < nr; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
         }
     }
     for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++) y[r * ldy + c] = float_to_bf16(_mm512_reduce_add_ps(acc[r][c]));
+        for (int c = 0; c < nr; c++) sums[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+static inline __attribute__((always_inline)) void bf16dp_tile(const uint16_t *w, const uint16_t *x, int64_t K,
+                                                               int mr, int nr, uint16_t *y, int64_t ldy) {
+    float sums[4][4];
+    bf16dp_sums(w, K, x, K, K, mr, nr, sums);
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < nr; c++) y[r * ldy + c] = float_to_bf16(sums[r][c]);
 }
 
 /* constant tile shapes: the accumulators stay in registers */
@@ -1413,22 +1424,10 @@ static inline void dq_row_bf16(const uint8_t *p, const uint16_t *m, int64_t ks, 
 static inline __attribute__((always_inline)) void dq_tile(const uint16_t *w, int64_t ldw, const uint16_t *x,
                                                           int64_t ldx, int64_t K, int mr, int nr, float *acc,
                                                           int64_t lda, int first) {
-    __m512 a[4][4];
+    float sums[4][4];
+    bf16dp_sums(w, ldw, x, ldx, K, mr, nr, sums);
     for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++) a[r][c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512bh wv[4];
-        for (int c = 0; c < nr; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw + k);
-        for (int r = 0; r < mr; r++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
-            for (int c = 0; c < nr; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], xv, wv[c]);
-        }
-    }
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++) {
-            const float t = _mm512_reduce_add_ps(a[r][c]);
-            acc[r * lda + c] = first ? t : acc[r * lda + c] + t;
-        }
+        for (int c = 0; c < nr; c++) acc[r * lda + c] = first ? sums[r][c] : acc[r * lda + c] + sums[r][c];
 }
 
 #define DQ_NB 32
