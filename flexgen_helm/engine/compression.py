@@ -455,9 +455,9 @@ LAYOUT_VERSION = 2  # 2: GroupInt4Weight's K slices
 
 # Values per K slice of a GroupInt4Weight (int4_k_slice). Speed: the compiled loop keeps a tile's
 # 16-bit activations (2 bytes per value and row) in L1 while a block of weight rows streams past;
-# rows of K 8192 and more spilled them to L2. One activation row, 2 Zen 4 cores, codes laid out in
-# slices of 4096 vs whole rows: 2048 x 8192 1.11-1.19x, 1024 x 16384 1.32-1.47x; slices of 2048
-# lost (0.76-0.87x: more per-slice work, shorter streams), K 2048-4096 unsliced either way.
+# rows of K 8192 and more spilled them to L2. 2 Zen 4 cores, slices of 4096 vs whole rows, GFLOP/s
+# at one row: 2048 x 8192 104 vs 85, 1024 x 16384 93 vs 54, 1792 x 28672 97 vs 55 (0.98-1.10x from
+# 4 rows); in a simulation slices of 2048 lost (0.76-0.87x: more per-slice work, shorter streams).
 INT4_K_SLICE = 4096
 
 

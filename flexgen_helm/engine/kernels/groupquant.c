@@ -830,7 +830,8 @@ int fg_attend_dense_mt(const void *k, const void *v, int64_t sb, int64_t sh, int
  * 64) along K, K a multiple of 128, stored in S = K / ks slices of ks values (compression.int4_k_slice;
  * S = 1 for most shapes): slice s of row n owns the ks / 2 bytes at packed + (s N + n) ks / 2 and its
  * (lo, step) pairs at meta + 2 (s N + n) ks / group. x (M, K) fp32, y (M, N) fp32 with row stride
- * ldy; this call computes output columns [n_begin, n_end).
+ * ldy; this call computes output columns [n_begin, n_end) of the N. Slices: a tile's activations
+ * stay in L1 and each slice's codes stream in order (one row, 1.26-1.30x whole rows from K 8192).
  * Speed: a decode step multiplies 1-16 rows by each weight, where the matmul is bound by reading
  * the weights; torch's fused CPU kernel runs ~11 G weights/s on 2 AVX2 cores at one row, about
  * what dense bf16 reaches from memory. Here each weight is read once as a nibble, widened and
