@@ -518,19 +518,27 @@ class GroupInt4Weight:
         return compressed_nbytes(shape, cfg)
 
     @staticmethod
-    def _slice_major(x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
-        """(out, in) -> the (S out, ks) matrix this class quantizes (x itself when S = 1)."""
+    def write(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out: torch.Tensor) -> None:
+        """Quantize the (out, in) weight x into `out` (compressed_nbytes) in this class's layout, one K
+        slice at a time: no slice-major copy of the whole weight (OPT-30B's fc2 would take 822 MB more
+        host memory in fp32)."""
         n, k = x.shape
         ks = int4_k_slice(k, cfg.group_size)
-        return x if ks == k else x.reshape(n, k // ks, ks).transpose(0, 1).reshape(-1, ks)
-
-    @staticmethod
-    def write(x: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype, out: torch.Tensor) -> None:
-        to_buffer(GroupInt4Weight._slice_major(x, cfg), cfg, out=out)
+        if ks == k:
+            to_buffer(x, cfg, out=out)
+            return
+        pb, mb = packed_nbytes((n, ks), cfg), meta_numel((n, ks), cfg)  # per slice: whole blocks
+        metas = out[packed_nbytes((n, k), cfg):compressed_nbytes((n, k), cfg)].view(META_DTYPE)
+        for s in range(k // ks):
+            packed, meta = quantize(x[:, s * ks:(s + 1) * ks].contiguous(), cfg)
+            out[s * pb:(s + 1) * pb].copy_(packed)
+            metas[s * mb:(s + 1) * mb].copy_(meta)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, cfg: CompressionConfig, dtype: torch.dtype) -> "GroupInt4Weight":
-        return cls(to_buffer(cls._slice_major(w, cfg), cfg), tuple(w.shape), cfg, dtype)
+        buf = torch.empty(compressed_nbytes(tuple(w.shape), cfg), dtype=torch.uint8)
+        cls.write(w, cfg, dtype, buf)
+        return cls(buf, tuple(w.shape), cfg, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> x @ w.T (..., out) in x's dtype."""
