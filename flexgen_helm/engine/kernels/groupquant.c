@@ -916,6 +916,13 @@ static int bad_slices(int64_t K, int64_t group, int64_t ks) {
     return K % 128 || group % 64 || K % group || ks < 1 || K % ks || ks % 128 || ks % group;
 }
 
+/* Weight row n (over parts stacked along N, part p of rows[p] rows) in slice s: the part (*p) and the
+ * row of its slice-major layout. Call with n rising: *p and *base (part p's first row) carry on. */
+static inline int64_t slice_row(const int64_t *rows, int parts, int64_t n, int64_t s, int *p, int64_t *base) {
+    while (*p < parts - 1 && n >= *base + rows[*p]) *base += rows[(*p)++];
+    return s * rows[*p] + n - *base;
+}
+
 int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, float *y, int64_t M, int64_t K,
                    int64_t N, int64_t ldy, int64_t group, int64_t ks, int64_t n_begin, int64_t n_end, int threads) {
     if (bad_slices(K, group, ks) || M < 1 || n_end > N) return -1;
@@ -944,10 +951,11 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
                 float acc[NB][4];  /* [n - nb0][r]: sums over the slices */
                 for (int64_t s = 0; s < S; s++)
                     for (int64_t n = nb0; n < nb1; n++) {
-                        const uint8_t *prow = packed + (s * N + n) * (ks / 2);
+                        const int64_t row = s * N + n;  /* slice_row of a single part */
+                        const uint8_t *prow = packed + row * (ks / 2);
                         const float *xs = x + m * K + s * ks;
                         float out[4];
-                        meta_row(meta + (s * N + n) * Gs * 2, Gs, per, mrow);
+                        meta_row(meta + row * Gs * 2, Gs, per, mrow);
                         switch (mr) {  /* constant tile heights: the accumulators stay in registers */
                             case 1: int4_row_tile(prow, mrow, xs, ks, K, 1, out); break;
                             case 2: int4_row_tile(prow, mrow, xs, ks, K, 2, out); break;
@@ -1102,9 +1110,6 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
 
 int fg_int4_x16(void) { return FG_INT4_X16; }
 
-/* Weights given in `parts` pieces stacked along N (part p: its own packed codes and meta, rows[p] rows),
- * e.g. q, k and v: one call, one activation prep and one thread split for all of them.
- * 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define FG_INT4_DQ 1  /* this build has int4_dq_matmul */
 /* Rows from which int4_dq_matmul beats the loop below. GFLOP/s loop vs it, 2 Zen 4 cores, weights
@@ -1128,6 +1133,9 @@ int fg_int4_dq_min_rows(void) {
 #endif
 }
 
+/* Weights given in `parts` pieces stacked along N (part p: its own packed codes and meta, rows[p] rows),
+ * e.g. q, k and v: one call, one activation prep and one thread split for all of them.
+ * 0 when done, 1 when this build has no such loop (see fg_int4_x16), -1 on bad shapes or memory. */
 int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta, const int64_t *rows, int parts,
                        const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t ldy, int64_t group,
                        int64_t ks, int64_t n_begin, int64_t n_end, int threads) {
@@ -1174,8 +1182,7 @@ int fg_int4_matmul_x16(const uint8_t *const *packed, const uint16_t *const *meta
                     int p = 0;
                     int64_t base = 0;  /* first row of part p */
                     for (int64_t n = nb0; n < nb1; n++) {
-                        while (p < parts - 1 && n >= base + rows[p]) base += rows[p++];
-                        const int64_t row = s * rows[p] + n - base;  /* slice-major within the part */
+                        const int64_t row = slice_row(rows, parts, n, s, &p, &base);
                         const uint8_t *prow = packed[p] + row * (ks / 2);
                         float out[X16_TILE], lo[X16_TILE];
                         meta_row(meta[p] + row * Gs * 2, Gs, per, mrow);
@@ -1484,8 +1491,7 @@ static int int4_dq_matmul(const uint8_t *const *packed, const uint16_t *const *m
                     int p = 0;
                     int64_t base = 0;  /* first row of part p */
                     for (int64_t n = nb0; n < nb1; n++) {
-                        while (p < parts - 1 && n >= base + rows[p]) base += rows[p++];
-                        const int64_t row = s * rows[p] + n - base;  /* slice-major within the part */
+                        const int64_t row = slice_row(rows, parts, n, s, &p, &base);
                         dq_row_bf16(packed[p] + row * (ks / 2), meta[p] + row * Gs * 2, ks, group, wb + (n - nb0) * ks);
                     }
                     dq_block(wb, x + m0 * K + s * ks, K, ks, nb1 - nb0, mc, acc, s == 0);
