@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flexgen-installed
 
-.PHONY: install demo test test-slow bench report clean
+.PHONY: install demo test test-slow bench report clean device-wheels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# what a CUDA machine with its own torch/transformers/accelerate lacks (the LP solver), as wheels for its
+# Python (DEVICE_PY) in .whl/, to install there with --no-index (see the README's "CUDA acceptance")
+DEVICE_PY ?= 3.12
+device-wheels: $(STAMP)
+	$(BIN)/pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
+		--implementation cp --platform manylinux2014_x86_64 -d .whl \
+		"pulp==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("pulp"))')"
 
 clean:
 	rm -rf $(VENV) .cache demo_output benchmark_output prod_env

@@ -41,9 +41,10 @@ def register(sub) -> None:
     p.add_argument("--gpu-mem", default=None, help="compute-tier budget, e.g. 16GB (CUDA: also caps the allocator)")
     p.add_argument("--cpu-mem", default=None)
     p.add_argument("--disk-mem", default=None)
-    p.add_argument("--baseline", choices=["hf", "accelerate", "uncompressed"], default=None,
-                   help="also run, alternating with the engine: HF generate (all in memory), Accelerate disk "
-                        "offload, or the engine with the same policy but no compression")
+    p.add_argument("--baseline", choices=["hf", "accelerate", "accelerate-cpu", "uncompressed"], default=None,
+                   help="also run, alternating with the engine: HF generate (all in memory), Accelerate's disk "
+                        "offload, Accelerate's CPU offload (weights in host memory, moved to the device layer by "
+                        "layer), or the engine with the same policy but no compression")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the JSON reports medians")
     p.add_argument("--bound", action="store_true",
                    help="also measure disk read bandwidth and matmul throughput here and report the per-step "
@@ -281,13 +282,17 @@ def _hf_model(model: str, dtype):
 
 
 class _Baseline:
-    """HF generate with everything in memory, or with Accelerate's disk offload, on the same weights."""
+    """HF generate with everything in memory, or with Accelerate's disk or CPU offload, on the same weights
+    (under the same allocator cap as the engine: one process)."""
 
     def __init__(self, args, dtype, prompts: list[list[int]], tmp: str):
         import torch
 
         model = _hf_model(args.model, dtype)
-        if args.baseline == "accelerate":
+        if args.baseline == "accelerate-cpu":
+            from accelerate import cpu_offload
+            model = cpu_offload(model, execution_device=torch.device(args.device))
+        elif args.baseline == "accelerate":
             from accelerate import disk_offload
             model = disk_offload(model, offload_dir=tmp, execution_device=torch.device(args.device))
             for f in os.scandir(tmp):  # start cold, like the engine's O_DIRECT reads

@@ -31,3 +31,18 @@ def test_bench_json_has_bound_breakdown_and_baseline(tiny_opt, tmp_path, monkeyp
     assert b["generation_throughput_bound_with_contention"] <= b["generation_throughput_bound"] * (1 + 1e-9)
     if kernel == "dequantize":
         assert d["time_breakdown_s"]["dequantization_in_io_threads"] > 0
+
+
+@pytest.mark.parametrize("baseline", ["hf", "accelerate", "accelerate-cpu"])
+def test_bench_against_hf_and_accelerate_baselines(tiny_opt, tmp_path, monkeypatch, baseline):
+    """The baselines the README's rows and the CUDA acceptance script compare with, on the same weights
+    and prompts: each runs and reports its own throughput beside the engine's."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", tiny_opt, "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2",
+                 "--num-gpu-batches", "2", "--dtype", "fp32", "--baseline", baseline, "--repeat", "1",
+                 "--offload-dir", str(tmp_path), "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["baseline"]["system"] == baseline and d["baseline"]["generation_throughput"] > 0
+    assert d["speedup_vs_baseline"] == pytest.approx(d["generation_throughput"] / d["baseline"]["generation_throughput"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # offload files of both removed
