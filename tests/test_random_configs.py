@@ -8,6 +8,9 @@ tiers at random percentages, micro-batch shapes, prompt lengths 1-51.
 - wide heads: 64- or 128-wide heads, 1-10 query heads per KV head, where CPU decode attention is the C
   loop over a dense or a 4-bit cache (the draws above have narrower heads, so SDPA);
 - bf16 (4-bit weights or dense): the greedy tokens are HF fp32's top choice within bf16 noise;
+- the compiled 4-bit loop: widths it takes (in-features multiples of 128), K slices, 1-24 rows per
+  product, fp32 and bf16, against HF with quantize-dequantize hooks (bf16: also against the plain
+  dequantize-then-matmul route on the same draw);
 - searched: a random memory budget, the policy search's choice for it run under that budget: the
   peaks stay within budget and memory plan, results equal HF (or the search names the budget to raise).
 
@@ -15,6 +18,7 @@ A few cases of each run by default; `pytest -m slow` runs many. Each case is fix
 failure names the seed that reproduces it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -165,8 +169,69 @@ def check_bf16(seed: int, tmp_path) -> None:
     assert gap < 0.15 and lp_diff < 0.15, (seed, pol, gap, lp_diff)
 
 
+def int4_loop_case(seed: int, out_dir: str):
+    """(checkpoint, policy, prompts, new tokens, dtype) of one check_int4_loop draw."""
+    r = random.Random(seed)
+    family = r.choice(["llama", "mistral", "qwen2", "qwen3", "opt"])
+    hidden = r.choice([128, 256, 384])
+    ffn = r.choice([128, 256, 640, 200, 8192, 10240])
+    g = r.choice([64, 128] + ([192] if hidden == 384 else []))
+    if family == "opt":
+        ckpt = build_tiny_checkpoint(out_dir, TinyOPT(hidden=hidden, num_layers=r.randint(1, 2), num_heads=hidden // 32,
+                                                      ffn=ffn, seed=r.randint(0, 99)))
+    else:
+        over = dict(num_attention_heads=4, num_key_value_heads=r.choice([1, 2, 4]), head_dim=r.choice([32, 64]),
+                    hidden_size=hidden, num_hidden_layers=r.randint(1, 2), intermediate_size=ffn,
+                    tie_word_embeddings=r.random() < 0.5, max_position_embeddings=256)
+        if family == "mistral":
+            over["sliding_window"] = r.choice([None, 7])
+        ckpt = build_tiny_family(out_dir, family, seed=r.randint(0, 99), tokenizer=False, **over)
+    pol = random_policy(r, compress_weight=True, comp_weight_config=CompressionConfig(4, g, 1),
+                        int4_kernel=r.choice(["auto", "fused"]))
+    pol = dataclasses.replace(pol, gpu_batch_size=r.randint(1, 8))
+    prompts = [[0] + [r.randint(4, 300) for _ in range(r.randint(0, 40))] for _ in range(r.randint(1, 24))]
+    return ckpt, pol, prompts, r.randint(1, 5), r.choice([torch.float32, torch.bfloat16])
+
+
+def check_int4_loop(seed: int, tmp_path) -> None:
+    """4-bit weights of the widths the compiled loop takes (in-features multiples of 128, groups of
+    64-192), MLPs of 8192+ features (K slices), stacked q/k/v of unequal rows, 1-24 rows per decode
+    product (bf16 crosses to the bf16-block schedule at kernels.int4_dq_min_rows), prefills past its
+    512 rows, random tiers and kernel choice: fp32 equals HF with quantize-dequantize hooks, bf16 stays
+    within bf16 noise of it."""
+    from flexgen_helm.engine import kernels
+    ckpt, pol, prompts, new, dtype = int4_loop_case(seed, str(tmp_path / "m"))
+    wcfg = pol.comp_weight_config
+
+    def run(policy):
+        off = tmp_path / f"offload-{policy.int4_kernel}"
+        off.mkdir()
+        with Engine.from_pretrained(ckpt, policy=policy, device="cpu", dtype=dtype, offload_dir=str(off)) as eng:
+            kinds = {s.kind for lay in eng.weights.layouts for s in lay.slots}
+            res = eng.generate(prompts, max_new_tokens=new)
+        assert os.listdir(off) == []
+        return res, kinds
+    res, kinds = run(pol)
+    assert not kernels.available() or kinds & {C.GroupInt4Weight.kind, C.Int4Weight.kind}, kinds
+    if dtype == torch.float32:
+        toks, lps = hf_reference(ckpt, prompts, new, lambda hf: C.fake_quantize_model(hf, wcfg) and [])
+        diffs = [abs(a - b) for got, want in zip(res.logprobs, lps) for a, b in zip(got, want)]
+        assert res.sequences == toks, (seed, pol)
+        assert sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs) and max(diffs) < 5e-2, (seed, pol, max(diffs))
+        return
+    # bf16 noise on these wider random models reaches 0.2-0.8 nats even on the plain route (weights
+    # dequantized to bf16, torch's matmul; dense bf16 likewise), against 0.04-0.15 on check_bf16's
+    # narrower ones: the fused kernels are held to the plain route's error on the same draw, and a
+    # fixed bound well above bf16 noise catches a wrong index (measured over 80 draws: gap <= 0.61,
+    # logprobs <= 0.58 and never more than 1.7x the plain route's + 0.03)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    C.fake_quantize_model(hf, wcfg)
+    gap, lp_diff = hf_gaps(hf, prompts, res)
+    plain_gap, plain_lp = hf_gaps(hf, prompts, run(dataclasses.replace(pol, int4_kernel="dequantize"))[0])
+    assert gap < 1.0 and lp_diff < 1.0 and lp_diff <= 2 * plain_lp + 0.15, (seed, pol, gap, lp_diff, plain_lp)
+
+
 def check_searched(seed: int, tmp_path) -> None:
-    import dataclasses
 
     from flexgen_helm import ConfigError, MemoryBudget
     from flexgen_helm.engine.model_spec import load_spec
@@ -202,7 +267,7 @@ def check_searched(seed: int, tmp_path) -> None:
 
 
 CHECKS = {"fp32": check_fp32, "compressed": check_compressed, "bf16": check_bf16, "searched": check_searched,
-          "wide_heads": check_wide_heads}
+          "wide_heads": check_wide_heads, "int4_loop": check_int4_loop}
 
 
 @pytest.mark.parametrize("kind", list(CHECKS))
