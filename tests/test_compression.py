@@ -813,3 +813,45 @@ def test_int4_linear_with_many_rows_dequantizes_rows_blockwise_and_equals_the_lo
                     assert sum(b - a for a, b, _ in calls) == n and len(calls) == (1 if not chunk else 5)
                     wide = torch.bfloat16 if dt == torch.bfloat16 and not emulated else torch.float32
                     assert {d for _, _, d in calls} == {wide}
+
+
+def test_decode_norm_and_rotation_loops_equal_the_torch_ops(monkeypatch):
+    """kernels.rms_norm and kernels.rope (a decode step's per-row operations in one pass) against the
+    torch-op path layers.norm and rope.apply_rotary otherwise take: bf16 bit for bit; fp32 rotation bit
+    for bit and norm within its last bits (the mean's summation order); inputs that are views (q/k
+    norms over a split, heads transposed); odd widths; beyond SMALL_OP_MAX the torch ops."""
+    import torch.nn.functional as F
+
+    from flexgen_helm.engine import kernels, rope
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    torch.manual_seed(11)
+
+    def torch_norm(x, w, eps):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
+
+    def torch_rope(x, c, s):
+        h = x.shape[-1] // 2
+        return x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s
+
+    for dt in (torch.float32, torch.bfloat16):
+        fused = (torch.randn(3, 2, 8 * 24 + 2 * 2 * 24) * 4).to(dt)  # rows of a fused q|k|v output
+        q = fused[..., :8 * 24].unflatten(-1, (8, 24))  # a view: q's heads, rows not evenly spaced
+        for x in (torch.randn(1, 1, 1024).to(dt), torch.randn(5, 7, 33).to(dt) * 100, q):
+            w = torch.randn(x.shape[-1]).to(dt)
+            got, want = kernels.rms_norm(x, w, 1e-6), torch_norm(x, w, 1e-6)
+            assert got is not None and got.dtype == dt and got.shape == x.shape
+            if dt == torch.bfloat16:
+                assert torch.equal(got, want)
+            else:
+                assert torch.allclose(got, want, rtol=4e-7, atol=0)
+        for B, H, T, D in ((1, 16, 1, 128), (3, 4, 5, 64), (2, 3, 2, 10)):
+            x = (torch.randn(B, T, H, D) * 3).to(dt).transpose(1, 2)  # heads transposed, as attention has them
+            c, s = torch.randn(B, 1, T, D).to(dt), torch.randn(B, 1, T, D).to(dt)
+            got = kernels.rope(x, c, s)
+            assert got is not None and torch.equal(got, torch_rope(x, c, s))
+            assert torch.equal(rope.apply_rotary(x, c, s), got)
+    big = torch.randn(kernels.SMALL_OP_MAX + 64)
+    assert kernels.rms_norm(big.view(-1, 64), torch.randn(64), 1e-5) is None  # prefills: torch's threads
+    assert kernels.rms_norm(torch.randn(2, 8).half(), torch.randn(8).half(), 1e-5) is None
+    assert kernels.rope(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)) is None  # broadcast T

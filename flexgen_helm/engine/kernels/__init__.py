@@ -122,6 +122,9 @@ def _library():
     lib.fg_bf16_matmul.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
     lib.fg_bf16_matmul_dp.restype = c_int
     lib.fg_bf16_matmul_dp.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int]
+    lib.fg_rms_norm.restype = lib.fg_rope.restype = c_int
+    lib.fg_rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, c_int]
+    lib.fg_rope.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, i64, i64, c_int]
     lib.fg_openmp.restype = lib.fg_int4_x16.restype = lib.fg_bf16_dp.restype = c_int
     lib.fg_int4_dq_min_rows.restype = c_int
     return lib
@@ -229,6 +232,56 @@ def attend_dense(q, k, v, allowed):
     threads = max(1, torch.get_num_threads()) if 2 * n * B * Hq * D >= _MIN_PARALLEL and lib.fg_openmp() else 1
     rc = lib.fg_attend_dense_mt(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), n, B, H, Hq, D, q.data_ptr(),
                                 ok.data_ptr(), out.data_ptr(), kind, D ** -0.5, threads)
+    return out if rc == 0 else None
+
+
+# Values up to which a decode step's norms and rotations run in the one-pass C loops below (one
+# thread): the rows of a decode step (32 rows x 32 heads x 128 = 131K); prefills keep torch's ops,
+# which split over threads.
+SMALL_OP_MAX = 1 << 18
+
+
+@lru_cache(maxsize=None)
+def _kind(dtype) -> int | None:
+    import torch
+    return {torch.float32: 0, torch.bfloat16: 1}.get(dtype)
+
+
+def rms_norm(x, w, eps: float):
+    """round(round(x / sqrt(mean(x^2) + eps)) * w) over x's last axis (fp32 or bf16, w the same dtype),
+    or None where the loop does not apply (the caller runs torch's ops). Speed: the checks are few and
+    cheap, as the whole call is meant to cost a few microseconds."""
+    import torch
+    lib = _library()
+    kind = _kind(x.dtype)
+    if lib is None or kind is None or not x.is_cpu or w.dtype != x.dtype or x.numel() > SMALL_OP_MAX:
+        return None
+    width = x.shape[-1]
+    if w.numel() != width or not w.is_contiguous():
+        return None
+    if not x.is_contiguous():  # e.g. q/k norms over a split of the fused projection's output
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    rc = lib.fg_rms_norm(x.data_ptr(), width, w.data_ptr(), y.data_ptr(), x.numel() // width, width, eps, kind)
+    return y if rc == 0 else None
+
+
+def rope(x, cos, sin):
+    """x (B, H, T, D) * cos + rotate_half(x) * sin, cos/sin (B, 1, T, D), rounded like the torch ops;
+    None where the loop does not apply."""
+    import torch
+    lib = _library()
+    kind = _kind(x.dtype)
+    if (lib is None or kind is None or not x.is_cpu or x.dim() != 4 or x.numel() > SMALL_OP_MAX
+            or cos.dtype != x.dtype or sin.dtype != x.dtype):
+        return None
+    B, H, T, D = x.shape
+    xs, cst = x.stride(), cos.stride()
+    if xs[3] != 1 or D % 2 or cos.shape != (B, 1, T, D) or sin.stride() != cst or cst[3] != 1:
+        return None
+    out = torch.empty(B, H, T, D, dtype=x.dtype)
+    rc = lib.fg_rope(x.data_ptr(), xs[0], xs[1], xs[2], cos.data_ptr(), sin.data_ptr(), cst[0], cst[2],
+                     out.data_ptr(), B, H, T, D, kind)
     return out if rc == 0 else None
 
 
