@@ -29,9 +29,8 @@ ON_CUDA = DEVICE is not None and DEVICE.startswith("cuda")
 FP32_TOL = 1e-3 if ON_CUDA else 1e-4
 
 
-def _generate(model, policy, tmp_path, dtype=torch.float32, prompts=PROMPTS, budget=None, **kw):
-    with Engine.from_pretrained(model, policy=policy, device=DEVICE, dtype=dtype, offload_dir=str(tmp_path),
-                                budget=budget, **kw) as eng:
+def _generate(model, policy, tmp_path, dtype=torch.float32, prompts=PROMPTS):
+    with Engine.from_pretrained(model, policy=policy, device=DEVICE, dtype=dtype, offload_dir=str(tmp_path)) as eng:
         res = eng.generate(prompts, max_new_tokens=NEW)
     assert os.listdir(tmp_path) == []  # offload files cleaned up
     return res

@@ -1,6 +1,7 @@
 """Small C loops the engine compiles on first use, with the torch-op path as the fallback:
 group-wise dequantization (also straight into a transposed view) and quantization, bit-equal to
-compression.py's torch ops, and decode attention read straight from a compressed KV prefix.
+compression.py's torch ops, decode attention read straight from a compressed KV prefix, matmuls by
+4-bit and bf16 weights, and a decode step's RMS norms and rotary embeddings.
 
 The source ships with the package; the shared object is built once per (source, compiler, CPU
 flags) with the system C compiler into a cache directory (FLEXGEN_HELM_KERNEL_DIR, else
@@ -248,7 +249,7 @@ def _kind(dtype) -> int | None:
 
 
 def rms_norm(x, w, eps: float):
-    """round(round(x / sqrt(mean(x^2) + eps)) * w) over x's last axis (fp32 or bf16, w the same dtype),
+    """round(round(x * (1 / sqrt(mean(x^2) + eps))) * w) over x's last axis (fp32 or bf16, w the same dtype),
     or None where the loop does not apply (the caller runs torch's ops). Speed: the checks are few and
     cheap, as the whole call is meant to cost a few microseconds."""
     import torch

@@ -1514,7 +1514,7 @@ static int int4_dq_matmul(const uint8_t *const *packed, const uint16_t *const *m
  * Numerics: the torch-op path's, rounding for rounding (fp32 sums in 16 lanes: the mean of squares
  * may differ from torch's in its last bits). kind 0 fp32, 1 bf16. */
 
-/* y[r] = round(round(x[r] / sqrt(mean(x[r]^2) + eps)) * w) for `rows` rows of `width` (x's rows ldx
+/* y[r] = round(round(x[r] * (1 / sqrt(mean(x[r]^2) + eps))) * w) for `rows` rows of `width` (x's rows ldx
  * apart, y contiguous), the mean in fp32 as the reference norms compute it */
 int fg_rms_norm(const void *x, int64_t ldx, const void *w, void *y, int64_t rows, int64_t width, float eps, int kind) {
     float *row = malloc(sizeof(float) * (size_t)width);
