@@ -855,3 +855,25 @@ def test_decode_norm_and_rotation_loops_equal_the_torch_ops(monkeypatch):
     assert kernels.rms_norm(big.view(-1, 64), torch.randn(64), 1e-5) is None  # prefills: torch's threads
     assert kernels.rms_norm(torch.randn(2, 8).half(), torch.randn(8).half(), 1e-5) is None
     assert kernels.rope(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)) is None  # broadcast T
+
+
+def test_int4_parts_keep_the_call_arguments():
+    """A weight's Int4Parts keeps the C call's row count, shape check and pointer arrays after its first
+    call (weights on the compute tier keep their objects from step to step): later calls, and the same
+    parts as a plain list (computed afresh each call), give identical products; a call with another
+    group size is checked afresh, not answered from the cache."""
+    from flexgen_helm.engine import kernels
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels (a C compiler)")
+    torch.manual_seed(12)
+    cfg = CompressionConfig(4, 64, 1)
+    w = C.GroupInt4Weight.stacked([C.GroupInt4Weight.from_dense(torch.randn(n, 256), cfg, torch.bfloat16)
+                                   for n in (48, 16, 16)])
+    assert isinstance(w.parts, kernels.Int4Parts) and getattr(w.parts, "call_args", None) is None
+    for dt in (torch.bfloat16, torch.float32):
+        x = torch.randn(3, 256).to(dt)
+        first = kernels.int4_matmul(w.parts, x, 256, 64, 256)
+        assert first is not None and w.parts.call_args[0] == 80
+        assert torch.equal(kernels.int4_matmul(w.parts, x, 256, 64, 256), first)
+        assert torch.equal(kernels.int4_matmul(list(w.parts), x, 256, 64, 256), first)
+    assert kernels.int4_matmul(w.parts, torch.randn(1, 256).bfloat16(), 256, 96, 256) is None  # 96: not whole 64s

@@ -491,7 +491,7 @@ class GroupInt4Weight:
         pb = packed_nbytes(self.shape, cfg)
         self.packed = buf[:pb]
         self.meta = buf[pb:pb + _META_BYTES * meta_numel(self.shape, cfg)].view(META_DTYPE)
-        self.parts = [(self.packed, self.meta, self.shape[0])]  # (codes, meta, rows) stacked along out
+        self.parts = kernels.Int4Parts([(self.packed, self.meta, self.shape[0])])  # (codes, meta, rows) along out
 
     @classmethod
     def stacked(cls, weights: list["GroupInt4Weight"]) -> "GroupInt4Weight | None":
@@ -505,7 +505,7 @@ class GroupInt4Weight:
         out.shape = (sum(w.shape[0] for w in weights), first.shape[1])
         out.cfg, out.dtype, out.ks = first.cfg, first.dtype, first.ks
         out.packed = out.meta = None  # see parts
-        out.parts = [p for w in weights for p in w.parts]
+        out.parts = kernels.Int4Parts(p for w in weights for p in w.parts)
         return out
 
     @staticmethod
