@@ -144,7 +144,7 @@ def dequantize_into(packed, meta, out, num_codes: int, bits: int, block_codes: i
     False when it cannot (the caller falls back)."""
     import torch
     lib = _library()
-    kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
+    kind = _kind(out.dtype)
     if lib is None or kind is None or out.device.type != "cpu" or not (
             packed.is_contiguous() and meta.is_contiguous()) or meta.dtype != torch.float16:
         return False
@@ -191,7 +191,7 @@ def attend_compressed(packed, meta, n: int, q, new_k, new_v, allowed, bits: int,
     cannot (the caller dequantizes the prefix and runs SDPA instead)."""
     import torch
     lib = _library()
-    kind = {torch.float32: 0, torch.bfloat16: 1}.get(q.dtype)
+    kind = _kind(q.dtype)
     B, Hq, _, D = q.shape
     H = new_k.shape[1]
     if (lib is None or kind is None or q.device.type != "cpu" or not attend_compressed_ok(B, H, Hq, D, block_codes, group)
@@ -220,7 +220,7 @@ def attend_dense(q, k, v, allowed):
     caller runs SDPA): not the CPU, not fp32/bf16, D not a multiple of 64, no AVX2, no compiler."""
     import torch
     lib = _library()
-    kind = {torch.float32: 0, torch.bfloat16: 1}.get(q.dtype)
+    kind = _kind(q.dtype)
     B, Hq, one, D = q.shape
     if (lib is None or kind is None or q.device.type != "cpu" or one != 1 or D % 64 or k.dtype != q.dtype
             or v.dtype != q.dtype or k.shape != v.shape or k.stride() != v.stride() or k.shape[0] != B
@@ -244,6 +244,7 @@ SMALL_OP_MAX = 1 << 18
 
 @lru_cache(maxsize=None)
 def _kind(dtype) -> int | None:
+    """The C loops' element kind: 0 fp32, 1 bf16, None for dtypes they do not take."""
     import torch
     return {torch.float32: 0, torch.bfloat16: 1}.get(dtype)
 
