@@ -1068,6 +1068,22 @@ static inline __attribute__((always_inline)) void chunk_factors(const float *mro
 #else
 #define X16_TILE 2
 #endif
+/* acc + a0 . x0 + a1 . x1 over 16-bit pairs (vpmaddwd's products and pair sums, no saturation).
+ * Speed: VNNI's vpdpwssd multiplies and accumulates in one instruction, 8 of the ~34 vector
+ * operations per 128 codes fewer; same integer sums. 2 Zen 4 cores, one activation row, alternating
+ * builds in one run: 1.02-1.09x with the codes in cache, 0.94-1.07x (mostly 1.02-1.07x) from memory;
+ * 4 rows 0.99-1.20x. */
+static inline __attribute__((always_inline)) __m256i dot2_acc(__m256i acc, __m256i a0, __m256i x0, __m256i a1,
+                                                              __m256i x1) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(acc, a0, x0), a1, x1);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(acc, a0, x0), a1, x1);
+#else
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1)));
+#endif
+}
+
 static inline __attribute__((always_inline)) void int4_x16_tile(
         const uint8_t *prow, const float *pr, const float *lo, const int16_t *xq, int64_t K, int64_t ldx, int mr,
         float *out) {
@@ -1086,8 +1102,7 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
                 const __m256i a1 = part ? _mm256_srli_epi16(c, 12) : _mm256_and_si256(_mm256_srli_epi16(c, 8), m15);
                 for (int r = 0; r < mr; r++) {
                     const __m256i *xp = (const __m256i *)(xq + r * ldx + k0 + 64 * h) + 2 * part;
-                    ia[r] = _mm256_add_epi32(ia[r], _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256(xp)),
-                                                                     _mm256_madd_epi16(a1, _mm256_loadu_si256(xp + 1))));
+                    ia[r] = dot2_acc(ia[r], a0, _mm256_loadu_si256(xp), a1, _mm256_loadu_si256(xp + 1));
                 }
             }
             const int64_t g = k0 / 64 + part;
