@@ -1068,20 +1068,21 @@ static inline __attribute__((always_inline)) void chunk_factors(const float *mro
 #else
 #define X16_TILE 2
 #endif
-/* acc + a0 . x0 + a1 . x1 over 16-bit pairs (vpmaddwd's products and pair sums, no saturation).
- * Speed: VNNI's vpdpwssd multiplies and accumulates in one instruction, 8 of the ~34 vector
- * operations per 128 codes fewer; same integer sums. 2 Zen 4 cores, one activation row, alternating
- * builds in one run: 1.02-1.09x with the codes in cache, 0.94-1.07x (mostly 1.02-1.07x) from memory;
- * 4 rows 0.99-1.20x. */
+/* acc + a0 . x0 + a1 . x1 over 16-bit pairs (vpmaddwd's products and pair sums, no saturation), with
+ * VNNI's vpdpwssd (multiply and accumulate in one instruction, 8 of the one-row tile's ~34 vector
+ * operations per 128 codes fewer; same integer sums) where `vnni` and the build has it.
+ * Speed, 2 Zen 4 cores, alternating builds in one run, weights cycled from memory: one row
+ * 1.00-1.07x (codes in cache 1.02-1.09x); 3 rows 0.87-1.03x (mostly ~0.92x), so the tiles of 2-4
+ * rows keep vpmaddwd (an earlier session measured 0.85x at 2 rows). */
 static inline __attribute__((always_inline)) __m256i dot2_acc(__m256i acc, __m256i a0, __m256i x0, __m256i a1,
-                                                              __m256i x1) {
+                                                              __m256i x1, int vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(acc, a0, x0), a1, x1);
+    if (vnni) return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(acc, a0, x0), a1, x1);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(acc, a0, x0), a1, x1);
-#else
-    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1)));
+    if (vnni) return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(acc, a0, x0), a1, x1);
 #endif
+    (void)vnni;
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1)));
 }
 
 static inline __attribute__((always_inline)) void int4_x16_tile(
@@ -1102,7 +1103,7 @@ static inline __attribute__((always_inline)) void int4_x16_tile(
                 const __m256i a1 = part ? _mm256_srli_epi16(c, 12) : _mm256_and_si256(_mm256_srli_epi16(c, 8), m15);
                 for (int r = 0; r < mr; r++) {
                     const __m256i *xp = (const __m256i *)(xq + r * ldx + k0 + 64 * h) + 2 * part;
-                    ia[r] = dot2_acc(ia[r], a0, _mm256_loadu_si256(xp), a1, _mm256_loadu_si256(xp + 1));
+                    ia[r] = dot2_acc(ia[r], a0, _mm256_loadu_si256(xp), a1, _mm256_loadu_si256(xp + 1), mr == 1);
                 }
             }
             const int64_t g = k0 / 64 + part;
