@@ -1072,8 +1072,8 @@ static inline __attribute__((always_inline)) void chunk_factors(const float *mro
  * VNNI's vpdpwssd (multiply and accumulate in one instruction, 8 of the one-row tile's ~34 vector
  * operations per 128 codes fewer; same integer sums) where `vnni` and the build has it.
  * Speed, 2 Zen 4 cores, alternating builds in one run, weights cycled from memory: one row
- * 1.00-1.07x (codes in cache 1.02-1.09x); 3 rows 0.87-1.03x (mostly ~0.92x), so the tiles of 2-4
- * rows keep vpmaddwd (an earlier session measured 0.85x at 2 rows). */
+ * 0.94-1.07x, mostly 1.02-1.07x (codes in cache 1.02-1.09x); 3 rows 0.88-1.12x (median ~0.93x), so
+ * the tiles of 2-4 rows keep vpmaddwd (an earlier session measured 0.85x at 2 rows). */
 static inline __attribute__((always_inline)) __m256i dot2_acc(__m256i acc, __m256i a0, __m256i x0, __m256i a1,
                                                               __m256i x1, int vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
