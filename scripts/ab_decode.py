@@ -17,11 +17,11 @@ CHILD = r"""
 import statistics, sys, torch
 from flexgen_helm.engine.config import Policy
 from flexgen_helm.engine.engine import Engine
-model, w4, repeat = sys.argv[1], sys.argv[2] == "4bit", int(sys.argv[3])
+model, w4, repeat, plen = sys.argv[1], sys.argv[2] == "4bit", int(sys.argv[3]), int(sys.argv[4])
 pol = Policy(gpu_batch_size=1, compress_weight=w4)
 g = torch.Generator().manual_seed(0)
-prompts = [[2] + torch.randint(4, 30000, (15,), generator=g).tolist()]
-with Engine.from_pretrained(model, policy=pol, device="cpu", prompt_len=16, gen_len=16) as eng:
+prompts = [[2] + torch.randint(4, 30000, (plen - 1,), generator=g).tolist()]
+with Engine.from_pretrained(model, policy=pol, device="cpu", prompt_len=plen, gen_len=16) as eng:
     eng.generate(prompts, max_new_tokens=4)
     ts = [eng.generate(prompts, max_new_tokens=16).stats.decode_time / 15 * 1e3 for _ in range(repeat)]
 print("%.1f" % statistics.median(ts))
@@ -35,13 +35,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5, help="timed generations per process")
     ap.add_argument("--forms", default="4bit,16bit", help="weight forms to time, comma-separated")
+    ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (decode attends to them)")
     args = ap.parse_args()
     for r in range(1, args.rounds + 1):
         for form in args.forms.split(","):
             row = []
             for root in args.checkouts:
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(root)}
-                out = subprocess.run([sys.executable, "-c", CHILD, args.model, form, str(args.repeat)], env=env,
+                out = subprocess.run([sys.executable, "-c", CHILD, args.model, form, str(args.repeat),
+                                      str(args.prompt_len)], env=env,
                                      capture_output=True, text=True, check=True).stdout.split()[-1]
                 row.append(f"{os.path.basename(os.path.abspath(root))} {out}")
             print(f"round {r} {args.model} {form}: " + " vs ".join(row) + " ms per token", flush=True)
