@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--forms", default="4bit,16bit", help="weight forms to time, comma-separated")
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (decode attends to them)")
     args = ap.parse_args()
+    if args.prompt_len < 1:
+        ap.error("--prompt-len must be at least 1")
     for r in range(1, args.rounds + 1):
         for form in args.forms.split(","):
             row = []
