@@ -941,7 +941,7 @@ int fg_int4_matmul(const uint8_t *packed, const uint16_t *meta, const float *x, 
         float *mrow = malloc(sizeof(float) * (size_t)(ks / 32));  /* (lo, step) per 64 codes, as fp32 */
         if (!mrow) failed = 1;
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)  /* as in fg_int4_matmul_x16: one row 1.01-1.12x, 4 rows 0.99-1.05x */
 #endif
         for (int64_t b = 0; b < nblocks; b++) {
             if (!mrow) continue;
